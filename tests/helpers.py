@@ -1,0 +1,161 @@
+"""Helpers for tests: import as ``from helpers import free_port`` (tests/ is on sys.path).
+
+pytest puts tests/ on sys.path because tests/conftest.py sits in a directory without an
+``__init__.py`` (the default "prepend" import mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+SEED_RECEIVER_PATH = "/webhooks/bookingscheduler"
+RECEIVER_STOP_TIMEOUT_SECONDS = 5.0
+WAIT_FOR_TIMEOUT_SECONDS = 10.0
+POLL_INTERVAL_SECONDS = 0.02
+
+_LISTENING_LINE = re.compile(r"^LISTENING (\d+)$")
+
+Record = dict[str, Any]
+# A record count to reach, or a predicate over all records so far.
+Until = int | Callable[[list[Record]], object]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (another process may take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class SeedReceiver:
+    """A running ``node tests/node/seed_receiver.js``: the documentation's own receiver code.
+
+    ``records()`` are the JSON lines the receiver wrote, one per response it sent, with
+    ``status``, ``path``, ``headers`` (lower-case names), ``body`` (as express.json parsed it;
+    None when the seed's route did not run), ``received_at`` (epoch seconds, float) and
+    ``verified`` (status == 200). A record is written on the response's 'finish' event, which
+    may come just after the client saw the response: use ``wait_for``, not ``records()`` alone.
+    """
+
+    def __init__(self, process: subprocess.Popen[str], record_file: Path, secret: str) -> None:
+        self.process = process
+        self.record_file = record_file
+        self.secret = secret
+        self.port = 0  # set from the LISTENING line
+        self._output: list[str] = []
+        self._done_starting = threading.Event()
+        assert process.stdout is not None
+        self._reader = threading.Thread(
+            target=self._read_output, args=(process.stdout,), daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def url(self) -> str:
+        """The seed route's URL, ``http://127.0.0.1:PORT/webhooks/bookingscheduler``."""
+        return f"http://127.0.0.1:{self.port}{SEED_RECEIVER_PATH}"
+
+    def _read_output(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._output.append(line)
+            match = _LISTENING_LINE.match(line.strip())
+            if match and not self.port:
+                self.port = int(match.group(1))
+                self._done_starting.set()
+        self._done_starting.set()  # EOF: the process is gone; wake whoever waits to start
+
+    def wait_until_listening(self, timeout: float) -> bool:
+        """Block until the LISTENING line (True) or exit/timeout (False)."""
+        self._done_starting.wait(timeout)
+        return bool(self.port) and self.process.poll() is None
+
+    def output(self) -> str:
+        """Everything the receiver printed so far (stdout and stderr)."""
+        return "".join(self._output)
+
+    def records(self) -> list[Record]:
+        """The records written so far, oldest first (complete lines only)."""
+        try:
+            text = self.record_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return []
+        lines = text.splitlines(keepends=True)
+        return [json.loads(line) for line in lines if line.endswith("\n")]
+
+    def _check(self, until: Until) -> list[Record] | None:
+        records = self.records()
+        done = len(records) >= until if isinstance(until, int) else until(records)
+        return records if done else None
+
+    def _waiting_failed(self, until: Until, timeout: float, why: str) -> AssertionError:
+        wanted = f"{until} records" if isinstance(until, int) else getattr(until, "__name__", until)
+        return AssertionError(
+            f"seed receiver: {why} while waiting up to {timeout}s for {wanted}; records so far:"
+            f" {json.dumps(self.records(), indent=1)}\nreceiver output:\n{self.output()}"
+        )
+
+    # A polling helper's own timeout reads better in tests than an asyncio.timeout block.
+    async def wait_for(
+        self,
+        until: Until,
+        timeout: float = WAIT_FOR_TIMEOUT_SECONDS,  # noqa: ASYNC109
+    ) -> list[Record]:
+        """Poll until there are ``until`` records (int) or ``until(records)`` is true.
+
+        Returns all records; raises AssertionError on timeout or if the receiver exited.
+        Sleeps with asyncio between polls, so senders on the same event loop keep running.
+        """
+        deadline = time.monotonic() + timeout
+        while (records := self._check(until)) is None:
+            if self.process.poll() is not None:
+                raise self._waiting_failed(until, timeout, "the receiver exited")
+            if time.monotonic() >= deadline:
+                raise self._waiting_failed(until, timeout, "timed out")
+            await asyncio.sleep(POLL_INTERVAL_SECONDS)
+        return records
+
+    def wait_for_sync(
+        self, until: Until, timeout: float = WAIT_FOR_TIMEOUT_SECONDS
+    ) -> list[Record]:
+        """``wait_for`` for synchronous tests (e.g. webhookd running as a subprocess)."""
+        deadline = time.monotonic() + timeout
+        while (records := self._check(until)) is None:
+            if self.process.poll() is not None:
+                raise self._waiting_failed(until, timeout, "the receiver exited")
+            if time.monotonic() >= deadline:
+                raise self._waiting_failed(until, timeout, "timed out")
+            time.sleep(POLL_INTERVAL_SECONDS)
+        return records
+
+    def stop(self) -> None:
+        """Terminate the receiver (kill it if it lingers); safe to call more than once."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(RECEIVER_STOP_TIMEOUT_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(RECEIVER_STOP_TIMEOUT_SECONDS)
+        if self.process.stdout is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdout.close()
+
+
+class StartSeedReceiver(Protocol):
+    """The type of the ``seed_receiver`` fixture (a factory)."""
+
+    def __call__(
+        self, secret: str, *, response_plan: Mapping[str, Any] | None = None, port: int = 0
+    ) -> SeedReceiver: ...

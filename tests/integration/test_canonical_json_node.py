@@ -1,0 +1,436 @@
+"""canonical_json against real JavaScript: every body is what JSON.stringify writes.
+
+Receivers sign ``JSON.stringify(JSON.parse(body))``; these properties run generated documents
+through one Node.js process (the ``js_json`` fixture) and compare byte for byte:
+
+* ``dumps(value)`` survives ``JSON.stringify(JSON.parse(body))`` unchanged, and is exactly
+  what JavaScript writes for the same value given as Python's own (differently formatted) JSON;
+* for arbitrary texts, ``canonicalize`` either agrees with JavaScript or refuses, and it only
+  refuses what JavaScript rejects or would alter;
+* for arbitrary bytes, likewise, and ``invalid_utf8`` only when decoding would alter them;
+* nesting up to MAX_DEPTH round-trips, deeper is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any, Protocol
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from webhookd.canonical_json import (
+    MAX_DEPTH,
+    MAX_SAFE_INTEGER,
+    CanonicalJSONError,
+    JSONValue,
+    canonicalize,
+    dumps,
+    loads,
+)
+
+pytestmark = pytest.mark.node
+
+EXAMPLES = 400
+PROPERTY_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+class JavaScriptJSON(Protocol):  # the js_json fixture, tests/integration/conftest.py
+    def texts(self, *texts: str) -> list[dict[str, Any]]: ...
+    def bodies(self, *bodies: bytes) -> list[dict[str, Any]]: ...
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _double_from_bits(bits: int) -> float:
+    value: float = struct.unpack("<d", struct.pack("<Q", bits))[0]
+    return value
+
+
+EDGE_FLOATS = [
+    0.0,
+    -0.0,
+    5e-324,
+    -5e-324,
+    2.225073858507201e-308,
+    2.2250738585072014e-308,
+    1.7976931348623157e308,
+    1e-7,
+    1e-6,
+    1e-5,
+    1e-4,
+    0.1 + 0.2,
+    1e16,
+    1e20,
+    1e21,
+    float(MAX_SAFE_INTEGER),
+    float(2**53),
+    1.5,
+    -1.0,
+]
+
+finite_floats = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    # Uniform over bit patterns: every exponent, subnormals and both zeros equally often.
+    st.integers(0, 2**64 - 1).map(_double_from_bits).filter(math.isfinite),
+    # Decimal-looking values around every power of ten, where the notation switches.
+    st.builds(
+        lambda mantissa, exponent: float(f"{mantissa}e{exponent}"),
+        st.integers(-(10**17), 10**17),
+        st.integers(-345, 300),
+    ).filter(math.isfinite),
+    # Integral floats, also beyond 2**53 (JS prints these as integers up to 1e21).
+    st.integers(-(2**75), 2**75).map(float),
+    st.sampled_from(EDGE_FLOATS),
+)
+
+safe_integers = st.one_of(
+    st.integers(-MAX_SAFE_INTEGER, MAX_SAFE_INTEGER),
+    st.integers(MAX_SAFE_INTEGER - 100, MAX_SAFE_INTEGER),
+    st.integers(-MAX_SAFE_INTEGER, -MAX_SAFE_INTEGER + 100),
+    st.integers(-1000, 1000),
+)
+
+SPECIAL_CHARACTERS = [
+    "\u2028",
+    "\u2029",
+    "\ud800",
+    "\udbff",
+    "\udc00",
+    "\udfff",
+    "\ud83d",
+    "\ude00",
+    "\U0001f600",
+    "\U0010ffff",
+    "\x00",
+    "\x1f",
+    "\x7f",
+    "\x80",
+    '"',
+    "\\",
+    "/",
+    "\b",
+    "\ufeff",
+    "\u0661",
+    "é",
+]
+characters = st.one_of(
+    st.characters(codec="ascii"),
+    st.characters(),  # any code point except surrogates
+    st.sampled_from(SPECIAL_CHARACTERS),
+)
+strings = st.lists(characters, max_size=10).map("".join)
+
+INDEX_LIKE_KEYS = ["0", "1", "2", "10", "01", "00", "-1", "1.0", "+1", " 1", "1e3", "", "\u0661"]
+INDEX_LIKE_KEYS += ["4294967294", "4294967295", "4294967296", "9007199254740993"]
+keys = st.one_of(
+    strings,
+    st.integers(0, 2**32 + 2).map(str),
+    st.integers(0, 30).map(str),
+    st.sampled_from(INDEX_LIKE_KEYS),
+    st.sampled_from(["a", "b", "\ud83d\ude00", "\U0001f600"]),  # the last two are one key in JS
+)
+
+scalars = st.one_of(st.none(), st.booleans(), safe_integers, finite_floats, strings)
+values: st.SearchStrategy[JSONValue] = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=5), st.dictionaries(keys, children, max_size=6)
+    ),
+    max_leaves=25,
+)
+
+
+def _is_big_integral_float(value: object) -> bool:
+    return isinstance(value, float) and value.is_integer() and MAX_SAFE_INTEGER < abs(value) < 1e21
+
+
+def _holds_big_integral_float(value: object) -> bool:
+    if isinstance(value, dict):
+        return any(_holds_big_integral_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_holds_big_integral_float(v) for v in value)
+    return _is_big_integral_float(value)
+
+
+def _canonicalize(text: str | bytes) -> tuple[str | None, CanonicalJSONError | None]:
+    try:
+        return canonicalize(text), None
+    except CanonicalJSONError as exc:
+        return None, exc
+
+
+def _assert_fixed_point(body: str, value: JSONValue) -> None:
+    """canonicalize(body) == body, except where JS writes a double as a big integer literal."""
+    again, refusal = _canonicalize(body)
+    if refusal is None:
+        assert again == body
+    else:
+        # JS writes the double 1e20 as 100000000000000000000, which loads refuses as an
+        # integer literal beyond the safe range (test_canonical_json documents this).
+        assert refusal.reason == "unsafe_integer", refusal
+        assert _holds_big_integral_float(value), refusal
+
+
+@PROPERTY_SETTINGS
+@given(value=values)
+def test_dumps_writes_what_json_stringify_writes(js_json: JavaScriptJSON, value: JSONValue) -> None:
+    body = dumps(value)
+    # Python's own JSON for the same value: other number forms, key order, ASCII escapes.
+    reference = json.dumps(value, ensure_ascii=True, allow_nan=False)
+    from_body, from_reference = js_json.texts(body, reference)
+    assert from_body["ok"], from_body
+    assert from_body["out"] == body  # JSON.stringify(JSON.parse(body)) === body
+    assert from_reference["out"] == body  # and it is JavaScript's text for this very value
+    _assert_fixed_point(body, value)
+
+
+# --------------------------------------------------------------------------- texts
+
+whitespace = st.sampled_from(["", "", "", " ", "\n", "\t", "\r\n  "])
+not_whitespace = st.sampled_from(["\u00a0", "\ufeff", "\u2028", "\x0b", "\x0c", "\x00"])
+
+valid_number_texts = st.one_of(
+    st.from_regex(r"-?(0|[1-9][0-9]{0,22})(\.[0-9]{1,19})?([eE][+-]?[0-9]{1,3})?", fullmatch=True),
+    safe_integers.map(str),
+    st.integers(-(2**64), 2**64).map(str),
+    st.integers(MAX_SAFE_INTEGER - 3, MAX_SAFE_INTEGER + 3).map(str),
+    st.integers(-MAX_SAFE_INTEGER - 3, -MAX_SAFE_INTEGER + 3).map(str),
+    finite_floats.map(repr),
+    finite_floats.map(dumps),
+    st.sampled_from(
+        [
+            *("1e400", "-1e309", "1" + "0" * 400, "1" + "0" * 20, "1E2", "-0", "-0.0", "0e0"),
+            *("4.9e-325", "2.4703282292062328e-324", "9007199254740993.0", "1e-400"),
+        ]
+    ),
+)
+number_texts = st.one_of(
+    valid_number_texts,
+    st.sampled_from(
+        [
+            *("NaN", "Infinity", "-Infinity", "01", "-01", "+1", ".5", "1.", "-", "1e", "1e+"),
+            *("0x1F", "1_0", "--1", "- 1", "\u0661"),
+        ]
+    ),
+)
+
+ESCAPES_AND_RAW = ["\\n", "\\/", "\\u00e9", "\\u2028", "\\ud83d", "\\ude00", "\\uDE00", "\\uD83D"]
+ESCAPES_AND_RAW += ["\\x41", "\\u12", "\\", "\\'", "\t", "\x01", "\n", '"']
+valid_string_texts = st.one_of(
+    strings.map(lambda s: json.dumps(s, ensure_ascii=False)),  # raw characters, lone surrogates
+    strings.map(lambda s: json.dumps(s, ensure_ascii=True)),  # \\uXXXX escapes
+)
+string_texts = st.one_of(
+    valid_string_texts,
+    valid_string_texts,
+    st.lists(st.one_of(characters, st.sampled_from(ESCAPES_AND_RAW)), max_size=8).map(
+        lambda parts: '"' + "".join(parts) + '"'  # escapes and raw characters, often invalid
+    ),
+)
+key_texts = st.one_of(
+    string_texts,
+    keys.map(json.dumps),
+    st.sampled_from(['"a"', '"1"', '"0"', '"\\ud83d\\ude00"', '"\U0001f600"']),  # duplicates
+)
+literal_texts = st.one_of(
+    st.sampled_from(["true", "false", "null"]),
+    st.sampled_from(["True", "nul", "undefined", "'a'", "[,]", "{,}"]),
+)
+
+
+def _array_text(items: list[tuple[str, str, str]]) -> str:
+    return "[" + ",".join(before + item + after for before, item, after in items) + "]"
+
+
+def _object_text(members: list[tuple[str, str, str, str, str]]) -> str:
+    pairs = (f"{key}{gap}:{space}{value}{end}" for key, gap, space, value, end in members)
+    return "{" + ",".join(pairs) + "}"
+
+
+json_texts = st.recursive(
+    st.one_of(number_texts, string_texts, literal_texts),
+    lambda children: st.one_of(
+        st.lists(st.tuples(whitespace, children, whitespace), max_size=4).map(_array_text),
+        st.lists(
+            st.tuples(key_texts, whitespace, whitespace, children, whitespace), max_size=4
+        ).map(_object_text),
+    ),
+    max_leaves=12,
+)
+documents = st.builds(
+    lambda before, text, after: before + text + after,
+    st.one_of(whitespace, st.just(""), st.just(" "), not_whitespace),
+    json_texts,
+    st.one_of(whitespace, st.just(""), st.just("\n"), not_whitespace, st.sampled_from([",", "x"])),
+)
+
+
+def _merge_pairs(text: str) -> str:
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
+
+
+def _same(a: object, b: object) -> bool:
+    """Same JSON value, numbers compared exactly (int vs float too), strings as JS sees them."""
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    if isinstance(a, str) and isinstance(b, str):
+        return _merge_pairs(a) == _merge_pairs(b)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        a = {_merge_pairs(k): v for k, v in a.items()}
+        b = {_merge_pairs(k): v for k, v in b.items()}
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return False
+
+
+def _exact_value(text: str) -> object:
+    """The value the text spells out, integers exact, as Python's json reads it."""
+    return json.loads(text, parse_int=int, parse_float=float)
+
+
+def _assert_refusal_is_justified(exc: CanonicalJSONError, text: str, js: dict[str, Any]) -> None:
+    if exc.reason in ("invalid_json", "invalid_utf8") or not js["ok"]:
+        assert not js["ok"], f"{exc.reason}: {exc}, but JSON.parse accepted it: {js}"
+        return
+    assert exc.reason in ("non_finite_number", "unsafe_integer"), exc
+    altered = not _same(_exact_value(text), _exact_value(js["out"]))
+    # Literals such as 9007199254740992 are held exactly, but JavaScript itself calls them
+    # unsafe: it cannot tell them from their neighbours (9007199254740993 reads the same).
+    unsafe = exc.reason == "unsafe_integer" and js["unsafe"]
+    assert altered or unsafe, f"{exc.reason}: {exc}, but JavaScript keeps it: {js}"
+
+
+@PROPERTY_SETTINGS
+@given(text=documents)
+def test_canonicalize_agrees_with_javascript_or_refuses_with_cause(
+    js_json: JavaScriptJSON, text: str
+) -> None:
+    [js] = js_json.texts(text)
+    ours, refusal = _canonicalize(text)
+    event(refusal.reason if refusal else "accepted")
+    if refusal is not None:
+        _assert_refusal_is_justified(refusal, text, js)
+    else:
+        assert js["ok"], f"canonicalize accepted what JSON.parse rejects: {js['error']}"
+        assert ours == js["out"]
+
+
+def _splice(body: bytes, edits: list[tuple[int, bytes]]) -> bytes:
+    for position, insert in edits:
+        position %= len(body) + 1
+        body = body[:position] + insert + body[position:]
+    return body
+
+
+raw_bytes = st.one_of(
+    st.binary(min_size=1, max_size=3),
+    st.sampled_from(
+        [
+            *(b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xed\xbf\xbf", b"\xf4\x90\x80\x80"),
+            *(
+                b"\xe2\x82",
+                b"\xc3\xa9",
+                b"\xe2\x80\xa8",
+                b"\xf0\x9f\x98\x80",
+                b"\xef\xbb\xbf",
+                b"\x80",
+            ),
+        ]
+    ),
+)
+byte_documents = st.one_of(
+    st.builds(
+        _splice,
+        values.map(lambda v: dumps(v).encode()),
+        st.lists(st.tuples(st.integers(0, 10**6), raw_bytes), max_size=2),
+    ),
+    documents.map(lambda text: text.encode("utf-8", "surrogatepass")),  # CESU-style surrogates
+    st.binary(max_size=12),
+)
+
+
+@PROPERTY_SETTINGS
+@given(body=byte_documents)
+def test_bytes_are_refused_only_if_javascript_would_alter_or_reject_them(
+    js_json: JavaScriptJSON, body: bytes
+) -> None:
+    [js] = js_json.bodies(body)
+    ours, refusal = _canonicalize(body)
+    event(refusal.reason if refusal else "accepted")
+    if refusal is not None and refusal.reason == "invalid_utf8":
+        assert js["decode_altered"], f"{refusal}, but Node decodes the bytes losslessly"
+    elif refusal is not None:
+        assert not js["decode_altered"]
+        _assert_refusal_is_justified(refusal, body.decode(), js)
+    else:
+        assert not js["decode_altered"]
+        assert js["ok"], f"canonicalize accepted what JSON.parse rejects: {js['error']}"
+        assert ours == js["out"]
+
+
+# --------------------------------------------------------------------------- depth
+
+
+def _nest(depth: int, shape: int, leaf: JSONValue) -> JSONValue:
+    value = leaf
+    for level in range(depth):
+        choice = (shape >> (2 * level)) & 3
+        if choice == 0:
+            value = [value]
+        elif choice == 1:
+            value = [1, value, "x"]
+        elif choice == 2:
+            value = {"k": value}
+        else:
+            value = {"z": 0, "7": value}  # an index key, moved first
+    return value
+
+
+@settings(max_examples=EXAMPLES // 2, deadline=None)
+@given(
+    depth=st.one_of(st.integers(1, MAX_DEPTH + 20), st.integers(MAX_DEPTH - 3, MAX_DEPTH + 3)),
+    shape=st.integers(0, 2 ** (2 * (MAX_DEPTH + 20))),
+    leaf=scalars,
+)
+def test_nesting_to_max_depth_round_trips_and_deeper_is_refused(
+    js_json: JavaScriptJSON, depth: int, shape: int, leaf: JSONValue
+) -> None:
+    value = _nest(depth, shape, leaf)
+    python_text = json.dumps(value, ensure_ascii=True)
+    if depth <= MAX_DEPTH:
+        body = dumps(value)
+        [js] = js_json.texts(body)
+        assert js["out"] == body
+        _assert_fixed_point(body, value)
+        return
+    for attempt in (lambda: dumps(value), lambda: loads(python_text)):
+        with pytest.raises(CanonicalJSONError) as info:
+            attempt()
+        assert info.value.reason == "too_deep"
+
+
+def test_oracle_sees_what_the_wire_carries(js_json: JavaScriptJSON) -> None:
+    """The pipe to Node must not be the thing that makes bodies match."""
+    texts = ['"\\ud800"', '"\u2028\U0001f600"', '{"1":1,"0":0}', "1.0", "[1e21]"]
+    answers = js_json.texts(*texts)
+    assert [a["out"] for a in answers] == [
+        '"\\ud800"',
+        '"\u2028\U0001f600"',
+        '{"0":0,"1":1}',
+        "1",
+        "[1e+21]",
+    ]
+    [bad] = js_json.bodies(b'"\xed\xa0\x80"')
+    assert bad["decode_altered"]

@@ -1,0 +1,426 @@
+"""Scheduling: fan new outbox rows out to endpoints, run due deliveries within the limits, and
+decide from each attempt's result what the delivery becomes. Knows no SQL and no HTTP details.
+
+One worker task per enabled endpoint claims that endpoint's due deliveries (up to its in-flight
+cap), so a slow or hanging endpoint only ever occupies its own slots: no head-of-line blocking.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from webhookd import endpoints as endpoints_mod
+from webhookd.delivery import HttpResult, Sender
+from webhookd.errors import StorageError
+from webhookd.events import event_from_row, timestamp_to_unix
+from webhookd.ids import new_id
+from webhookd.log import log_event
+from webhookd.metrics import Metrics
+from webhookd.models import (
+    AttemptOutcome,
+    AttemptResult,
+    Delivery,
+    DeliveryState,
+    Endpoint,
+    Event,
+    FanoutPlan,
+    NewDelivery,
+    OutboxRow,
+    PlannedEvent,
+)
+from webhookd.recorder import Recorder
+from webhookd.retry import RetryPolicy, next_attempt_at
+from webhookd.routing import route
+from webhookd.settings import Settings
+from webhookd.store.base import Store
+
+logger = logging.getLogger("webhookd.dispatcher")
+
+STORE_RETRY_INITIAL_SECONDS = 0.2
+STORE_RETRY_MAX_SECONDS = 10.0
+
+
+def decide(
+    result: HttpResult, delivery: Delivery, policy: RetryPolicy, now: float, rand: float
+) -> AttemptOutcome:
+    """What the delivery becomes after this attempt. Pure."""
+    attempt_no = delivery.attempts + 1
+    next_at: float | None = None
+    if result.result is AttemptResult.SUCCESS:
+        state = DeliveryState.SUCCEEDED
+    else:
+        next_at = next_attempt_at(
+            policy, attempts_made=attempt_no, created_at=delivery.created_at, now=now, rand=rand
+        )
+        state = DeliveryState.FAILED if next_at is None else DeliveryState.PENDING
+    return AttemptOutcome(
+        delivery_pk=delivery.pk,
+        attempt_no=attempt_no,
+        started_at=result.started_at,
+        duration_seconds=result.duration_seconds,
+        result=result.result,
+        status_code=result.status_code,
+        error=result.error,
+        response_excerpt=result.response_excerpt,
+        new_state=state,
+        next_attempt_at=next_at,
+    )
+
+
+def plan_fanout(
+    rows: Sequence[OutboxRow], endpoints: Sequence[Endpoint], *, max_payload_bytes: int, now: float
+) -> FanoutPlan:
+    """Validate each row and route each valid event. Pure (apart from fresh random ids)."""
+    planned = []
+    quarantined = []
+    for row in rows:
+        item = event_from_row(row, max_payload_bytes=max_payload_bytes, now=now)
+        if isinstance(item, Event):
+            targets = route(item.event_type, item.tenant, endpoints)
+            deliveries = tuple(NewDelivery(new_id("dlv", now), ep.id) for ep in targets)
+            planned.append(PlannedEvent(item, deliveries))
+        else:
+            quarantined.append(item)
+    return FanoutPlan(tuple(planned), tuple(quarantined))
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class EndpointWorker:
+    """Claims and sends one endpoint's due deliveries, at most ``max_concurrency`` at once."""
+
+    def __init__(self, dispatcher: Dispatcher, endpoint: Endpoint) -> None:
+        self.d = dispatcher
+        self.endpoint = endpoint
+        self.inflight: set[asyncio.Task[None]] = set()
+        self.wake = asyncio.Event()
+        self.stopping = False
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"endpoint:{self.endpoint.id}")
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+
+    async def _run(self) -> None:
+        delay = STORE_RETRY_INITIAL_SECONDS
+        while not self.stopping:
+            self.wake.clear()
+            timeout: float | None = None
+            room = self.endpoint.max_concurrency - len(self.inflight)
+            if room > 0:
+                try:
+                    batch = await self.d.store.claim_due(self.endpoint.id, self.d.clock(), room)
+                    for delivery in batch:
+                        self._spawn(delivery)
+                    if len(batch) < room:
+                        due = await self.d.store.next_due_at(self.endpoint.id)
+                        timeout = None if due is None else max(0.0, due - self.d.clock())
+                    delay = STORE_RETRY_INITIAL_SECONDS
+                except StorageError as exc:
+                    self.d.store_failed("claim", exc)
+                    timeout, delay = delay, min(delay * 2, STORE_RETRY_MAX_SECONDS)
+                if self.stopping:
+                    break
+                if len(self.inflight) >= self.endpoint.max_concurrency:
+                    timeout = None  # a finishing request sets wake
+                elif timeout is not None and timeout <= 0:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _spawn(self, delivery: Delivery) -> None:
+        task = asyncio.create_task(self.d.deliver(self.endpoint, delivery))
+        self.inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        self.wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            self.d.task_crashed(task)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        sender: Sender,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.sender = sender
+        self.metrics = metrics
+        self.clock = clock
+        self.rand = rand
+        self.policy = RetryPolicy.from_settings(settings.retry)
+        self.recorder = Recorder(store)
+        self.endpoints: dict[str, Endpoint] = {}
+        self.workers: dict[str, EndpointWorker] = {}
+        self._static = endpoints_mod.from_settings(settings)
+        self._endpoints_version: int | None = None
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._global = asyncio.Semaphore(settings.delivery.max_inflight)
+        self.crashed: BaseException | None = None
+        self.crash_event = asyncio.Event()
+        self.last_store_error: str | None = None
+        self.outbox_lag_seconds = 0.0
+        self.running = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load endpoints and start fan-out, workers and the recorder."""
+        await self.reload_endpoints(force=True)
+        self._tasks = [
+            asyncio.create_task(self.recorder.run(), name="recorder"),
+            asyncio.create_task(self._fanout_loop(), name="fanout"),
+            asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(self._side_task_done)
+        self.running = True
+
+    def stop_claiming(self) -> None:
+        self._stopping.set()
+        for worker in self.workers.values():
+            worker.stop()
+
+    async def drain(self, grace_seconds: float) -> int:
+        """Wait up to ``grace_seconds`` for in-flight requests; cancel the rest (their leases are
+        released, no attempt is counted). Returns how many were cancelled."""
+        self.stop_claiming()
+        inflight = [t for w in self.workers.values() for t in w.inflight]
+        cancelled = 0
+        if inflight:
+            _, pending = await asyncio.wait(inflight, timeout=grace_seconds)
+            for task in pending:
+                task.cancel()
+            cancelled = len(pending)
+            if pending:
+                await asyncio.wait(pending)
+        workers = [w.task for w in self.workers.values() if w.task is not None]
+        if workers:
+            await asyncio.wait(workers)
+        self.recorder.close()
+        for task in self._tasks:
+            if task.get_name() != "recorder":
+                task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.running = False
+        return cancelled
+
+    def _side_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or self._stopping.is_set():
+            return
+        self.task_crashed(task)
+
+    def task_crashed(self, task: asyncio.Task[None]) -> None:
+        exc = task.exception() if not task.cancelled() else None
+        log_event(
+            logger,
+            logging.CRITICAL,
+            "task_crashed",
+            task=task.get_name(),
+            error=repr(exc),
+            exc_info=exc,
+        )
+        if self.crashed is None:
+            self.crashed = exc or RuntimeError(f"task {task.get_name()} stopped")
+        self.crash_event.set()
+
+    def store_failed(self, operation: str, exc: StorageError) -> None:
+        self.last_store_error = str(exc)
+        self.metrics.store_errors.labels(operation=operation).inc()
+        log_event(logger, logging.ERROR, "store_error", operation=operation, error=str(exc))
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    async def reload_endpoints(self, *, force: bool = False) -> None:
+        version = await self.store.endpoints_version()
+        if not force and version == self._endpoints_version:
+            return
+        rows = await self.store.table_endpoints()
+        table = [endpoints_mod.from_table_row(r, self.settings) for r in rows]
+        merged = endpoints_mod.merge(self._static, table)
+        for ep in endpoints_mod.shadowed(self._static, table):
+            log_event(logger, logging.WARNING, "endpoint_shadowed", endpoint=ep.id)
+        for ep in merged.values():
+            if ep.problem and (self.endpoints.get(ep.id) != ep):
+                log_event(
+                    logger, logging.ERROR, "endpoint_invalid", endpoint=ep.id, problem=ep.problem
+                )
+        self._endpoints_version = version
+        self._apply_endpoints(merged)
+
+    def _apply_endpoints(self, merged: dict[str, Endpoint]) -> None:
+        old = self.endpoints
+        self.endpoints = merged
+        for ep_id in set(old) | set(merged):
+            ep = merged.get(ep_id)
+            active = ep is not None and ep.enabled and ep.problem is None
+            worker = self.workers.get(ep_id)
+            if ep is not None:
+                self.metrics.set_endpoint_state(ep_id, "ok" if active else "disabled")
+            if old.get(ep_id) != ep:
+                log_event(
+                    logger,
+                    logging.INFO,
+                    "endpoint_loaded" if ep is not None else "endpoint_removed",
+                    endpoint=ep_id,
+                    source=ep.source if ep else None,
+                    active=active,
+                )
+            if active and ep is not None:
+                if worker is None:
+                    worker = EndpointWorker(self, ep)
+                    self.workers[ep_id] = worker
+                    if not self._stopping.is_set():
+                        worker.start()
+                else:
+                    worker.endpoint = ep
+                    worker.wake.set()
+            elif worker is not None:
+                worker.stop()
+                del self.workers[ep_id]
+
+    # -- fan-out -----------------------------------------------------------------------------
+
+    def _plan(self, rows: Sequence[OutboxRow]) -> FanoutPlan:
+        return plan_fanout(
+            rows,
+            list(self.endpoints.values()),
+            max_payload_bytes=self.settings.outbox.max_payload_bytes,
+            now=self.clock(),
+        )
+
+    async def _fanout_loop(self) -> None:
+        batch_size = self.settings.outbox.batch_size
+        poll = self.settings.outbox.poll_interval_seconds
+        more = True
+        delay = STORE_RETRY_INITIAL_SECONDS
+        while not self._stopping.is_set():
+            try:
+                if await self.store.outbox_changed() or more:
+                    await self.reload_endpoints()
+                    result = await self.store.fan_out(self._plan, batch_size, self.clock())
+                    more = result.rows >= batch_size
+                    for ep_id in result.endpoints:
+                        worker = self.workers.get(ep_id)
+                        if worker is not None:
+                            worker.wake.set()
+                delay = STORE_RETRY_INITIAL_SECONDS
+                self.last_store_error = None
+            except StorageError as exc:
+                self.store_failed("fan_out", exc)
+                more = True
+                await self._sleep(delay)
+                delay = min(delay * 2, STORE_RETRY_MAX_SECONDS)
+                continue
+            if not more:
+                await self._sleep(poll)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _housekeeping_loop(self) -> None:
+        """Gauges that come from the store: outbox lag and pending deliveries."""
+        tick = 0
+        while not self._stopping.is_set():
+            try:
+                oldest = await self.store.oldest_unprocessed()
+                self.outbox_lag_seconds = self._lag(oldest)
+                self.metrics.outbox_lag.set(self.outbox_lag_seconds)
+                if tick % 5 == 0:
+                    counts = await self.store.pending_counts()
+                    self.metrics.set_pending(counts, list(self.endpoints))
+            except StorageError as exc:
+                self.store_failed("housekeeping", exc)
+            tick += 1
+            await self._sleep(1.0)
+
+    def _lag(self, oldest: str | None) -> float:
+        if oldest is None:
+            return 0.0
+        try:
+            return max(0.0, self.clock() - timestamp_to_unix(oldest))
+        except ValueError:
+            return 0.0  # a malformed timestamp: that row will be quarantined
+
+    # -- one delivery ------------------------------------------------------------------------
+
+    async def deliver(self, endpoint: Endpoint, delivery: Delivery) -> None:
+        """Send one attempt and persist its outcome. Cancelled before the response: the lease is
+        released and no attempt is counted. Once the outcome exists it is always persisted."""
+        label = self.metrics.endpoint_label(endpoint.id)
+        try:
+            async with self._global:
+                gauge = self.metrics.inflight.labels(endpoint=label)
+                gauge.inc()
+                try:
+                    result = await self.sender.send(endpoint, delivery)
+                finally:
+                    gauge.dec()
+        except asyncio.CancelledError:
+            await asyncio.shield(self.store.release([delivery.pk]))
+            raise
+        now = self.clock()
+        outcome = decide(result, delivery, self.policy, now, self.rand())
+        self._observe(endpoint, delivery, result, outcome, label, now)
+        await asyncio.shield(self.recorder.submit(outcome, endpoint.id))
+
+    def _observe(
+        self,
+        endpoint: Endpoint,
+        delivery: Delivery,
+        result: HttpResult,
+        outcome: AttemptOutcome,
+        label: str,
+        now: float,
+    ) -> None:
+        m = self.metrics
+        m.delivery_attempts.labels(endpoint=label, result=result.result.value).inc()
+        m.delivery_duration.labels(endpoint=label).observe(result.duration_seconds)
+        fields: dict[str, Any] = {
+            "endpoint": endpoint.id,
+            "delivery_id": delivery.delivery_id,
+            "event_id": delivery.event_id,
+            "event_type": delivery.event_type,
+            "attempt": outcome.attempt_no,
+            "status": result.status_code,
+            "duration_ms": round(result.duration_seconds * 1000, 1),
+        }
+        if result.result is AttemptResult.SUCCESS:
+            with contextlib.suppress(ValueError):
+                m.event_to_delivery.observe(max(0.0, now - timestamp_to_unix(delivery.occurred_at)))
+            log_event(logger, logging.DEBUG, "delivery_succeeded", **fields)
+        elif outcome.new_state is DeliveryState.FAILED:
+            log_event(logger, logging.ERROR, "delivery_failed", error=result.error, **fields)
+        else:
+            assert outcome.next_attempt_at is not None
+            log_event(
+                logger,
+                logging.WARNING,
+                "delivery_attempt_failed",
+                error=result.error,
+                next_attempt_at=_iso(outcome.next_attempt_at),
+                **fields,
+            )

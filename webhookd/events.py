@@ -1,0 +1,170 @@
+"""From an outbox row to an event with its final body, or to a quarantine reason. Pure.
+
+The body is the seed's envelope ``{"event":…,"timestamp":…,"data":…}`` in JavaScript-canonical
+form, built once here and stored, so every endpoint and every attempt sends the same bytes.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+
+from webhookd import canonical_json
+from webhookd.errors import PayloadError
+from webhookd.ids import new_id
+from webhookd.models import Event, OutboxRow, Quarantined
+from webhookd.routing import event_type_problem
+
+MAX_EVENT_ID_LENGTH = 200
+MAX_TENANT_LENGTH = 200
+_PRINTABLE_ID_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: safe in headers and logs
+
+
+def build_body(event_type: str, timestamp: str, data_json: str) -> bytes:
+    """The envelope around already-canonical ``data_json`` (keys in the seed's order)."""
+    return (
+        '{"event":'
+        + canonical_json.dumps(event_type)
+        + ',"timestamp":'
+        + canonical_json.dumps(timestamp)
+        + ',"data":'
+        + data_json
+        + "}"
+    ).encode("utf-8")
+
+
+def canonical_payload(payload: object, *, max_bytes: int) -> str:
+    """The canonical text of an object payload given as JSON text (or bytes).
+
+    Raises :class:`PayloadError` with a stable reason code when it cannot be sent unaltered.
+    """
+    if isinstance(payload, bytes | bytearray | memoryview):
+        payload = bytes(payload)
+    elif not isinstance(payload, str):
+        raise PayloadError(
+            "not_object", f"payload must be a JSON object as text, got {type(payload).__name__}"
+        )
+    size = len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "replace"))
+    if size > max_bytes:
+        raise PayloadError(
+            "too_large",
+            f"payload is {size} bytes, over the limit of {max_bytes} "
+            "(outbox.max_payload_bytes); receivers' JSON parsers refuse large bodies",
+        )
+    value = canonical_json.loads(payload)
+    if not isinstance(value, dict):
+        raise PayloadError(
+            "not_object", f"payload must be a JSON object, got a JSON {_json_kind(value)}"
+        )
+    return canonical_json.dumps(value)
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def normalize_timestamp(value: object) -> str:
+    """UTC ISO-8601 as in the seed (``2024-01-15T10:00:00Z``; milliseconds kept if present).
+
+    Accepts ISO-8601 with ``Z`` or an offset, and SQLite's ``YYYY-MM-DD HH:MM:SS`` (UTC).
+    """
+    if not isinstance(value, str):
+        raise PayloadError("bad_occurred_at", "occurred_at must be ISO-8601 text")
+    text = value.strip()
+    try:
+        parsed = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise PayloadError(
+            "bad_occurred_at",
+            f"occurred_at {value[:40]!r} is not an ISO-8601 time like 2024-01-15T10:00:00Z",
+        ) from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except (OverflowError, ValueError):
+        raise PayloadError(
+            "bad_occurred_at", f"occurred_at {value[:40]!r} is out of range"
+        ) from None
+    return format_timestamp(parsed)
+
+
+def format_timestamp(moment: datetime) -> str:
+    base = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    millis = moment.microsecond // 1000
+    return f"{base}.{millis:03d}Z" if millis else f"{base}Z"
+
+
+def timestamp_to_unix(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+def event_from_row(row: OutboxRow, *, max_payload_bytes: int, now: float) -> Event | Quarantined:
+    """Validate one outbox row. Never raises for bad data: returns a Quarantined instead."""
+    event_type = row.event_type if isinstance(row.event_type, str) else None
+    event_id = row.event_id if isinstance(row.event_id, str) else None
+    try:
+        problem = event_type_problem(row.event_type)
+        if problem:
+            raise PayloadError("bad_event_type", problem)
+        assert isinstance(row.event_type, str)
+        data_json = canonical_payload(row.payload, max_bytes=max_payload_bytes)
+        event_id = _event_id(row.event_id, now)
+        tenant = _tenant(row.tenant)
+        if row.occurred_at is None or row.occurred_at == "":
+            occurred_at = format_timestamp(datetime.fromtimestamp(now, UTC))
+        else:
+            occurred_at = normalize_timestamp(row.occurred_at)
+    except PayloadError as exc:
+        return Quarantined(
+            outbox_id=row.id,
+            reason=exc.reason,
+            detail=str(exc),
+            event_type=event_type,
+            event_id=event_id,
+        )
+    return Event(
+        outbox_id=row.id,
+        event_id=event_id,
+        event_type=row.event_type,
+        tenant=tenant,
+        occurred_at=occurred_at,
+        body=build_body(row.event_type, occurred_at, data_json),
+    )
+
+
+def _event_id(value: object, now: float) -> str:
+    if value is None:
+        return new_id("evt", now)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_EVENT_ID_LENGTH
+        or not _PRINTABLE_ID_RE.fullmatch(value)
+    ):
+        raise PayloadError(
+            "bad_event_id",
+            f"event_id must be 1-{MAX_EVENT_ID_LENGTH} visible ASCII characters without spaces",
+        )
+    return value
+
+
+def _tenant(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or len(value) > MAX_TENANT_LENGTH:
+        raise PayloadError(
+            "bad_tenant", f"tenant must be text of at most {MAX_TENANT_LENGTH} chars"
+        )
+    return value

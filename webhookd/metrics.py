@@ -1,0 +1,123 @@
+"""Prometheus metrics. Names and labels are part of the contract (DESIGN.md, "Metrics").
+
+Each daemon owns one :class:`Metrics` with its own registry, so tests can run several.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from webhookd import __version__
+
+DEFAULT_MAX_ENDPOINT_LABELS = 200
+OTHER_ENDPOINTS_LABEL = "_other"
+ENDPOINT_STATES = ("ok", "backing_off", "disabled")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60)
+_EVENT_TO_DELIVERY_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 86400
+)  # fmt: skip
+
+
+class Metrics:
+    def __init__(self, max_endpoint_labels: int = DEFAULT_MAX_ENDPOINT_LABELS) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._max_endpoint_labels = max_endpoint_labels
+        self._endpoint_labels: set[str] = set()
+        r = self.registry
+        self.events_dispatched = Counter(
+            "webhookd_events_dispatched",
+            "Outbox events fanned out to their endpoints.",
+            registry=r,
+        )
+        self.events_rejected = Counter(
+            "webhookd_events_rejected",
+            "Outbox rows quarantined because they break the outbox contract.",
+            ["reason"],
+            registry=r,
+        )
+        self.delivery_attempts = Counter(
+            "webhookd_delivery_attempts",
+            "HTTP delivery attempts by result.",
+            ["endpoint", "result"],
+            registry=r,
+        )
+        self.deliveries = Counter(
+            "webhookd_deliveries",
+            "Deliveries that reached a final state.",
+            ["endpoint", "outcome"],
+            registry=r,
+        )
+        self.delivery_duration = Histogram(
+            "webhookd_delivery_duration_seconds",
+            "Duration of one HTTP delivery attempt.",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.event_to_delivery = Histogram(
+            "webhookd_event_to_delivery_seconds",
+            "Time from an event's occurred_at to its successful delivery.",
+            buckets=_EVENT_TO_DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.deliveries_pending = Gauge(
+            "webhookd_deliveries_pending",
+            "Deliveries waiting for a (next) attempt.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.inflight = Gauge(
+            "webhookd_inflight_requests",
+            "HTTP requests in flight.",
+            ["endpoint"],
+            registry=r,
+        )
+        self.outbox_lag = Gauge(
+            "webhookd_outbox_lag_seconds",
+            "Age of the oldest outbox event not yet fanned out (0 when caught up).",
+            registry=r,
+        )
+        self.endpoint_state = Gauge(
+            "webhookd_endpoint_state",
+            "1 for the endpoint's current state, 0 for the others.",
+            ["endpoint", "state"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "webhookd_build_info", "Always 1; the version is a label.", ["version"], registry=r
+        )
+        self.build_info.labels(version=__version__).set(1)
+        self.store_errors = Counter(
+            "webhookd_store_errors",
+            "Store operations that failed and will be retried.",
+            ["operation"],
+            registry=r,
+        )
+
+    def endpoint_label(self, endpoint_id: str) -> str:
+        """The endpoint's label value; past the cap, endpoints share one label."""
+        if endpoint_id in self._endpoint_labels:
+            return endpoint_id
+        if len(self._endpoint_labels) < self._max_endpoint_labels:
+            self._endpoint_labels.add(endpoint_id)
+            return endpoint_id
+        return OTHER_ENDPOINTS_LABEL
+
+    def set_endpoint_state(self, endpoint_id: str, state: str) -> None:
+        label = self.endpoint_label(endpoint_id)
+        for name in ENDPOINT_STATES:
+            self.endpoint_state.labels(endpoint=label, state=name).set(1 if name == state else 0)
+
+    def set_pending(self, counts: dict[str, int], known_endpoints: list[str]) -> None:
+        folded: dict[str, int] = {}
+        for endpoint_id in [*known_endpoints, *counts]:
+            label = self.endpoint_label(endpoint_id)
+            folded.setdefault(label, 0)
+        for endpoint_id, count in counts.items():
+            folded[self.endpoint_label(endpoint_id)] += count
+        for label, count in folded.items():
+            self.deliveries_pending.labels(endpoint=label).set(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

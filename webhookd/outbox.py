@@ -1,0 +1,71 @@
+"""The producer side for Python applications: put an event in the outbox inside your own
+transaction. Other languages insert the row with plain SQL (see the README).
+
+    with conn:  # one transaction: your change and its event commit together
+        conn.execute("UPDATE bookings SET status = 'CONFIRMED' WHERE id = ?", ("book_123",))
+        enqueue(conn, "booking.confirmed", {"id": "book_123", "status": "CONFIRMED"},
+                tenant="org_42")
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from webhookd import canonical_json
+from webhookd.errors import PayloadError
+from webhookd.events import MAX_EVENT_ID_LENGTH, format_timestamp, normalize_timestamp
+from webhookd.ids import new_id
+from webhookd.routing import event_type_problem
+from webhookd.settings import DEFAULT_MAX_PAYLOAD_BYTES
+
+_INSERT = (
+    "INSERT INTO webhook_outbox (event_type, payload, event_id, tenant, occurred_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def enqueue(
+    conn: sqlite3.Connection,
+    event_type: str,
+    data: Mapping[str, Any],
+    *,
+    tenant: str | None = None,
+    event_id: str | None = None,
+    occurred_at: datetime | str | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> str:
+    """Insert one event into ``webhook_outbox`` without committing; return its event id.
+
+    Raises :class:`~webhookd.errors.PayloadError` (a ValueError) when the event could not be
+    delivered unaltered: a bad type name, a payload that is not a JSON object or would change
+    in JavaScript (integers beyond 2**53-1, NaN, ...), or one over the size limit. A repeated
+    ``event_id`` raises ``sqlite3.IntegrityError``: event ids are idempotency keys.
+    """
+    problem = event_type_problem(event_type)
+    if problem:
+        raise PayloadError("bad_event_type", problem)
+    if not isinstance(data, Mapping):
+        raise PayloadError("not_object", f"data must be a mapping, got {type(data).__name__}")
+    payload = canonical_json.dumps(dict(data))
+    size = len(payload.encode("utf-8"))
+    if size > max_payload_bytes:
+        raise PayloadError(
+            "too_large", f"payload is {size} bytes, over the limit of {max_payload_bytes}"
+        )
+    if event_id is None:
+        event_id = new_id("evt")
+    elif not event_id or len(event_id) > MAX_EVENT_ID_LENGTH or not event_id.isprintable():
+        raise PayloadError("bad_event_id", "event_id must be 1-200 printable characters")
+    if isinstance(occurred_at, datetime):
+        if occurred_at.tzinfo is None:
+            raise PayloadError("bad_occurred_at", "occurred_at must be timezone-aware")
+        stamp = format_timestamp(occurred_at.astimezone(UTC))
+    elif occurred_at is None:
+        stamp = format_timestamp(datetime.now(UTC))
+    else:
+        stamp = normalize_timestamp(occurred_at)
+    conn.execute(_INSERT, (event_type, payload, event_id, tenant, stamp))
+    return event_id

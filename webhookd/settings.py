@@ -1,0 +1,356 @@
+"""Configuration: one frozen pydantic-settings model, from a TOML file plus ``WEBHOOKD_*`` env.
+
+Precedence: environment (``WEBHOOKD_SECTION__KEY``) over the file over the defaults. Relative
+paths in the file are resolved against the file's directory. Every problem is reported with its
+key path (:class:`~webhookd.errors.ConfigError`); nothing starts half-configured.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from webhookd.errors import ConfigError
+from webhookd.routing import pattern_problem
+
+CONFIG_ENV_VAR = "WEBHOOKD_CONFIG"
+
+DEFAULT_DATABASE_PATH = "webhookd.db"
+DEFAULT_BUSY_TIMEOUT_SECONDS = 5.0
+DEFAULT_LISTEN = "127.0.0.1:9180"
+DEFAULT_READY_MAX_LAG_SECONDS = 300.0
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
+DEFAULT_TIMEOUT_SECONDS = 15.0
+DEFAULT_MAX_INFLIGHT = 256
+DEFAULT_MAX_CONCURRENCY_PER_ENDPOINT = 10
+DEFAULT_RESPONSE_EXCERPT_BYTES = 1024
+DEFAULT_HEADER_PREFIX = "X-BookingScheduler"
+DEFAULT_INITIAL_DELAY_SECONDS = 5.0
+DEFAULT_MULTIPLIER = 3.0
+DEFAULT_MAX_DELAY_SECONDS = 4 * 3600.0
+DEFAULT_JITTER = 0.2
+DEFAULT_MAX_ATTEMPTS = 14
+DEFAULT_MAX_AGE_SECONDS = 3 * 24 * 3600.0
+DEFAULT_POLL_INTERVAL_SECONDS = 0.01
+DEFAULT_FANOUT_BATCH_SIZE = 500
+# express.json() refuses bodies over 100 kB by default; stay well inside it.
+DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
+DEFAULT_GRACE_SECONDS = 10.0
+
+ENDPOINT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatabaseSettings(_Section):
+    path: Path = Field(
+        default=Path(DEFAULT_DATABASE_PATH),
+        description="SQLite database file shared with the application.",
+    )
+    busy_timeout_seconds: float = Field(default=DEFAULT_BUSY_TIMEOUT_SECONDS, gt=0, le=600)
+
+
+class HttpSettings(_Section):
+    listen: str = Field(
+        default=DEFAULT_LISTEN,
+        description="host:port for /healthz, /readyz and /metrics; '' disables the port.",
+    )
+    ready_max_lag_seconds: float = Field(default=DEFAULT_READY_MAX_LAG_SECONDS, gt=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        if value == "":
+            return value
+        parse_listen(value)
+        return value
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen) if self.listen else None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError with a clear message."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"listen must look like '127.0.0.1:9180' or '[::1]:9180', got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    return host, int(port_text)
+
+
+class DeliverySettings(_Section):
+    connect_timeout_seconds: float = Field(default=DEFAULT_CONNECT_TIMEOUT_SECONDS, gt=0, le=300)
+    timeout_seconds: float = Field(
+        default=DEFAULT_TIMEOUT_SECONDS, gt=0, le=600, description="Total time for one attempt."
+    )
+    max_inflight: int = Field(
+        default=DEFAULT_MAX_INFLIGHT, ge=1, le=10_000, description="Global in-flight cap."
+    )
+    max_concurrency_per_endpoint: int = Field(
+        default=DEFAULT_MAX_CONCURRENCY_PER_ENDPOINT, ge=1, le=1000
+    )
+    response_excerpt_bytes: int = Field(default=DEFAULT_RESPONSE_EXCERPT_BYTES, ge=0, le=65536)
+    allow_http: bool = Field(
+        default=False, description="Accept plain http:// endpoint URLs (https only otherwise)."
+    )
+    header_prefix: str = Field(default=DEFAULT_HEADER_PREFIX, pattern=r"^[A-Za-z0-9-]{1,64}$")
+
+
+class RetrySettings(_Section):
+    initial_delay_seconds: float = Field(default=DEFAULT_INITIAL_DELAY_SECONDS, ge=0)
+    multiplier: float = Field(default=DEFAULT_MULTIPLIER, ge=1, le=100)
+    max_delay_seconds: float = Field(default=DEFAULT_MAX_DELAY_SECONDS, ge=0)
+    jitter: float = Field(
+        default=DEFAULT_JITTER, ge=0, le=1, description="Each delay varies by ± this fraction."
+    )
+    max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=1000)
+    max_age_seconds: float = Field(default=DEFAULT_MAX_AGE_SECONDS, gt=0)
+
+
+class OutboxSettings(_Section):
+    poll_interval_seconds: float = Field(
+        default=DEFAULT_POLL_INTERVAL_SECONDS,
+        gt=0,
+        le=60,
+        description="How often PRAGMA data_version is checked for new commits.",
+    )
+    batch_size: int = Field(default=DEFAULT_FANOUT_BATCH_SIZE, ge=1, le=10_000)
+    max_payload_bytes: int = Field(default=DEFAULT_MAX_PAYLOAD_BYTES, ge=64, le=16 * 1024 * 1024)
+
+
+class DaemonSettings(_Section):
+    grace_seconds: float = Field(
+        default=DEFAULT_GRACE_SECONDS,
+        ge=0,
+        le=3600,
+        description="On SIGTERM, how long in-flight requests may take to finish.",
+    )
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "logfmt"] = "json"
+
+
+class EndpointSettings(_Section):
+    """A static endpoint from ``[[endpoints]]``."""
+
+    id: str = Field(pattern=ENDPOINT_ID_PATTERN)
+    url: str
+    secret: SecretStr | None = None
+    secret_file: Path | None = None
+    events: tuple[str, ...] = ("*",)
+    tenant: str | None = Field(default=None, min_length=1, max_length=200)
+    max_concurrency: int | None = Field(default=None, ge=1, le=1000)
+    enabled: bool = True
+    description: str = ""
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        from webhookd.endpoints import url_problem
+
+        problem = url_problem(value, allow_http=True)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("secret")
+    @classmethod
+    def _check_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("secret must not be empty")
+        return value
+
+    @field_validator("secret_file")
+    @classmethod
+    def _check_secret_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_secret_file(value)
+        return value
+
+    @field_validator("events")
+    @classmethod
+    def _check_events(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("events must list at least one pattern, e.g. ['*']")
+        problems = [p for p in (pattern_problem(v) for v in value) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        from webhookd.endpoints import header_problem
+
+        problems = [p for p in (header_problem(k, v) for k, v in value.items()) if p]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    def secret_value(self) -> str:
+        """The signing secret, from ``secret`` or read from ``secret_file``."""
+        if self.secret is not None:
+            return self.secret.get_secret_value()
+        assert self.secret_file is not None  # enforced by check_settings
+        return read_secret_file(self.secret_file)
+
+
+def read_secret_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"cannot read secret file {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"secret file {str(path)!r} is not UTF-8 text") from None
+    secret = text.strip()
+    if not secret:
+        raise ValueError(f"secret file {str(path)!r} is empty")
+    return secret
+
+
+class Settings(BaseSettings):
+    """All of webhookd's configuration. Built once by the CLI and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="WEBHOOKD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    database: DatabaseSettings = DatabaseSettings()
+    http: HttpSettings = HttpSettings()
+    delivery: DeliverySettings = DeliverySettings()
+    retry: RetrySettings = RetrySettings()
+    outbox: OutboxSettings = OutboxSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    log: LogSettings = LogSettings()
+    endpoints: tuple[EndpointSettings, ...] = ()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init kwargs; the environment must win over them.
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | str | None = None) -> Settings:
+    """Read the TOML file at ``path``, apply ``WEBHOOKD_*`` from the environment, validate.
+
+    Raises :class:`ConfigError` listing every problem with its key path.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults and environment"
+    base_dir = Path.cwd()
+    if path is not None:
+        config_path = Path(path)
+        source = str(config_path)
+        data = _read_toml(config_path)
+        base_dir = config_path.resolve().parent
+        _resolve_relative_paths(data, base_dir)
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_errors(exc), source) from None
+    problems = check_settings(settings)
+    if problems:
+        raise ConfigError(problems, source)
+    if not settings.database.path.is_absolute():
+        database = settings.database.model_copy(update={"path": base_dir / settings.database.path})
+        settings = settings.model_copy(update={"database": database})
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError([f"config file {str(path)!r} does not exist"], str(path)) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file: {exc.strerror or exc}"], str(path)) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError([f"not valid TOML: {exc}"], str(path)) from None
+
+
+def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> None:
+    database = data.get("database")
+    if isinstance(database, dict) and isinstance(database.get("path"), str):
+        database["path"] = str(base_dir / Path(database["path"]).expanduser())
+    endpoints = data.get("endpoints")
+    if isinstance(endpoints, list):
+        for item in endpoints:
+            if isinstance(item, dict) and isinstance(item.get("secret_file"), str):
+                item["secret_file"] = str(base_dir / Path(item["secret_file"]).expanduser())
+
+
+_SECRET_KEYS = frozenset({"secret"})
+
+
+def format_validation_errors(exc: ValidationError) -> list[str]:
+    """One ``key.path: message`` line per problem; secret values are never echoed."""
+    lines = []
+    for err in exc.errors(include_url=False):
+        loc = _format_loc(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against config.example.toml)"
+        elif err["type"] == "missing":
+            message = "required key is missing"
+        elif not _SECRET_KEYS.intersection(str(p) for p in err["loc"]):
+            value = err.get("input")
+            if isinstance(value, str | int | float | bool) and not isinstance(value, dict):
+                shown = repr(value)
+                message += f" (got {shown[:80]})"
+        lines.append(f"{loc}: {message}")
+    return lines
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def check_settings(settings: Settings) -> list[str]:
+    """Problems that involve more than one key."""
+    from webhookd.endpoints import url_problem
+
+    problems = []
+    seen: set[str] = set()
+    for i, ep in enumerate(settings.endpoints):
+        where = f"endpoints[{i}]"
+        if ep.id in seen:
+            problems.append(f"{where}.id: duplicate endpoint id {ep.id!r}")
+        seen.add(ep.id)
+        if (ep.secret is None) == (ep.secret_file is None):
+            problems.append(f"{where}: set exactly one of 'secret' or 'secret_file'")
+        problem = url_problem(ep.url, allow_http=settings.delivery.allow_http)
+        if problem:
+            problems.append(f"{where}.url: {problem}")
+    return problems

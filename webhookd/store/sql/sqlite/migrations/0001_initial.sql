@@ -1,0 +1,102 @@
+-- webhookd schema 1: the outbox contract, endpoints, events, deliveries, attempts, quarantine.
+
+-- The application INSERTs here (DESIGN.md, "Outbox contract"). Ids are assigned in commit order
+-- because SQLite has a single writer, so webhookd can follow the table with a cursor.
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_type  TEXT NOT NULL,
+    payload     TEXT NOT NULL,
+    event_id    TEXT UNIQUE,
+    tenant      TEXT,
+    occurred_at TEXT DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
+-- Endpoints managed by the application or by `webhookd endpoints ...`.
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+    id              TEXT PRIMARY KEY,
+    url             TEXT NOT NULL,
+    secret          TEXT NOT NULL,
+    events          TEXT NOT NULL DEFAULT '*',
+    tenant          TEXT,
+    enabled         INTEGER NOT NULL DEFAULT 1,
+    max_concurrency INTEGER,
+    headers         TEXT,
+    description     TEXT NOT NULL DEFAULT '',
+    created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    updated_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+
+-- The daemon's bookkeeping: the outbox cursor and a counter bumped by every endpoint change.
+CREATE TABLE IF NOT EXISTS webhookd_state (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO webhookd_state (key, value) VALUES ('outbox_cursor', 0);
+INSERT OR IGNORE INTO webhookd_state (key, value) VALUES ('endpoints_version', 0);
+
+CREATE TRIGGER IF NOT EXISTS webhook_endpoints_inserted AFTER INSERT ON webhook_endpoints
+BEGIN
+    UPDATE webhookd_state SET value = value + 1 WHERE key = 'endpoints_version';
+END;
+CREATE TRIGGER IF NOT EXISTS webhook_endpoints_updated AFTER UPDATE ON webhook_endpoints
+BEGIN
+    UPDATE webhookd_state SET value = value + 1 WHERE key = 'endpoints_version';
+END;
+CREATE TRIGGER IF NOT EXISTS webhook_endpoints_deleted AFTER DELETE ON webhook_endpoints
+BEGIN
+    UPDATE webhookd_state SET value = value + 1 WHERE key = 'endpoints_version';
+END;
+
+-- One row per fanned-out event, with the exact body every delivery of it sends.
+CREATE TABLE IF NOT EXISTS webhookd_events (
+    id          INTEGER PRIMARY KEY,
+    outbox_id   INTEGER NOT NULL UNIQUE,
+    event_id    TEXT NOT NULL UNIQUE,
+    event_type  TEXT NOT NULL,
+    tenant      TEXT,
+    occurred_at TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    created_at  REAL NOT NULL
+);
+
+-- One row per event x endpoint. Times are Unix seconds.
+CREATE TABLE IF NOT EXISTS webhookd_deliveries (
+    id              INTEGER PRIMARY KEY,
+    delivery_id     TEXT NOT NULL UNIQUE,
+    event_pk        INTEGER NOT NULL REFERENCES webhookd_events (id),
+    endpoint_id     TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'succeeded', 'failed')),
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT
+);
+CREATE INDEX IF NOT EXISTS webhookd_deliveries_due
+    ON webhookd_deliveries (endpoint_id, next_attempt_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS webhookd_deliveries_event ON webhookd_deliveries (event_pk);
+CREATE INDEX IF NOT EXISTS webhookd_deliveries_updated ON webhookd_deliveries (updated_at);
+
+CREATE TABLE IF NOT EXISTS webhookd_attempts (
+    id               INTEGER PRIMARY KEY,
+    delivery_pk      INTEGER NOT NULL REFERENCES webhookd_deliveries (id),
+    attempt_no       INTEGER NOT NULL,
+    started_at       REAL NOT NULL,
+    duration_seconds REAL NOT NULL,
+    result           TEXT NOT NULL,
+    status_code      INTEGER,
+    error            TEXT,
+    response_excerpt TEXT
+);
+CREATE INDEX IF NOT EXISTS webhookd_attempts_delivery ON webhookd_attempts (delivery_pk, attempt_no);
+
+-- Outbox rows that break the contract, with the reason; they never block the rows behind them.
+CREATE TABLE IF NOT EXISTS webhookd_quarantine (
+    outbox_id      INTEGER PRIMARY KEY,
+    reason         TEXT NOT NULL,
+    detail         TEXT NOT NULL,
+    event_type     TEXT,
+    event_id       TEXT,
+    quarantined_at REAL NOT NULL
+);

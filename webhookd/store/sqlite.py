@@ -1,0 +1,515 @@
+"""The embedded SQLite backend (aiosqlite). I/O only: policy lives above the store interface.
+
+Two connections: a writer for short ``BEGIN IMMEDIATE`` transactions (serialised by a lock) and
+a reader for autocommit queries, so no read transaction is ever held across network I/O. WAL
+lets the application's writers and our readers proceed together. Leases are kept in memory:
+an exclusive lock file guarantees that one daemon owns the database (see :mod:`webhookd.daemon`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from webhookd.errors import StorageError, StoreLockedError
+from webhookd.models import (
+    AttemptOutcome,
+    AttemptRecord,
+    Delivery,
+    DeliveryFilter,
+    DeliveryRecord,
+    FanoutResult,
+    OutboxRow,
+    Quarantined,
+    QuarantineRecord,
+)
+from webhookd.store.base import Planner, load_migrations, load_queries
+
+T = TypeVar("T")
+
+BUSY_RETRY_ATTEMPTS = 8
+BUSY_RETRY_MAX_SECONDS = 60.0
+_Q = load_queries("sqlite")
+
+
+def _is_busy(exc: BaseException) -> bool:
+    if not isinstance(exc, sqlite3.OperationalError):
+        return False
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+def _decode(value: object) -> object:
+    """Outbox columns arrive as bytes (so that invalid UTF-8 cannot crash the reader)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
+class SQLiteBackend:
+    def __init__(self, path: Path, *, busy_timeout_seconds: float = 5.0) -> None:
+        self.path = Path(path)
+        self.description = f"sqlite:{self.path}"
+        self._busy_timeout = busy_timeout_seconds
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+        self._data_version: int | None = None
+        self._leased: dict[str, set[int]] = {}
+        self._lease_endpoint: dict[int, str] = {}
+        self._lock_fd: int | None = None
+
+    # -- connections -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if not self.path.parent.is_dir():
+            raise StorageError(
+                f"cannot open database {str(self.path)!r}: directory "
+                f"{str(self.path.parent)!r} does not exist; create it or fix database.path"
+            )
+        try:
+            self._writer = await self._connect()
+            await self._writer.execute_fetchall("PRAGMA journal_mode = WAL")
+            self._reader = await self._connect()
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StorageError(f"cannot open database {str(self.path)!r}: {exc}") from exc
+
+    async def _connect(self) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        try:
+            # Row-returning statements are always fetched to the end: a half-read statement
+            # would keep its read lock.
+            await conn.execute_fetchall(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            await conn.execute_fetchall("PRAGMA synchronous = NORMAL")
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def claim_ownership(self) -> None:
+        """Take an exclusive lock file beside the database: leases live in this process's
+        memory, so a second daemon on the same file would send everything twice."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o660)
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create lock file {str(lock_path)!r}: {exc.strerror}"
+            ) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StoreLockedError(
+                f"another webhookd daemon is already running on {self.path} "
+                f"(it holds {lock_path}); run one daemon per SQLite database"
+            ) from None
+        self._lock_fd = fd
+
+    async def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.close()
+        self._reader = self._writer = None
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StorageError("the store is not open")
+        return self._reader
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StorageError("the store is not open")
+        return self._writer
+
+    async def _read(self, op: str, sql: str, params: Any = ()) -> list[Any]:
+        try:
+            return list(await self._r.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise StorageError(f"{op} failed on {self.path}: {exc}") from exc
+
+    async def _transaction(
+        self, op: str, body: Callable[[aiosqlite.Connection], Awaitable[T]]
+    ) -> T:
+        """Run ``body`` in ``BEGIN IMMEDIATE`` … ``COMMIT``, retrying while the file is locked."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception(_is_busy),
+                stop=stop_after_attempt(BUSY_RETRY_ATTEMPTS)
+                | stop_after_delay(BUSY_RETRY_MAX_SECONDS),
+                wait=wait_random_exponential(multiplier=0.05, max=2.0),
+                reraise=True,
+            ):
+                with attempt:
+                    async with self._write_lock:
+                        conn = self._w
+                        await conn.execute("BEGIN IMMEDIATE")
+                        try:
+                            result = await body(conn)
+                            await conn.execute("COMMIT")
+                        except BaseException:
+                            await asyncio.shield(self._rollback(conn))
+                            raise
+                    return result
+        except sqlite3.Error as exc:
+            hint = " (the database stayed locked; is a writer holding a long transaction?)"
+            raise StorageError(
+                f"{op} failed on {self.path}: {exc}{hint if _is_busy(exc) else ''}"
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    async def _rollback(conn: aiosqlite.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                await conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    # -- schema ------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        migrations = load_migrations("sqlite")
+
+        async def apply(conn: aiosqlite.Connection) -> list[int]:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS webhookd_schema ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            done = {
+                row[0] for row in await conn.execute_fetchall("SELECT version FROM webhookd_schema")
+            }
+            applied = []
+            for version, name, sql in migrations:
+                if version in done:
+                    continue
+                for statement in _split_statements(sql):
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO webhookd_schema (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, time.time()),
+                )
+                applied.append(version)
+            return applied
+
+        return await self._transaction("migrate", apply)
+
+    async def schema_version(self) -> int:
+        try:
+            rows = await self._r.execute_fetchall("SELECT MAX(version) FROM webhookd_schema")
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return 0
+            raise StorageError(f"reading the schema version failed: {exc}") from exc
+        value = next(iter(rows))[0]
+        return int(value or 0)
+
+    async def ping(self) -> None:
+        await self._read("ping", "SELECT 1")
+
+    # -- outbox ------------------------------------------------------------------------------
+
+    async def outbox_changed(self) -> bool:
+        rows = await self._read("poll", "PRAGMA data_version")
+        version = int(rows[0][0])
+        changed = version != self._data_version
+        self._data_version = version
+        return changed
+
+    async def _cursor(self) -> int:
+        rows = await self._read("read cursor", _Q["get_cursor"])
+        if not rows:
+            raise StorageError("webhookd_state has no outbox cursor: run `webhookd migrate`")
+        return int(rows[0][0])
+
+    async def fan_out(self, planner: Planner, limit: int, now: float) -> FanoutResult:
+        cursor = await self._cursor()
+        raw = await self._read("read outbox", _Q["read_outbox"], {"after": cursor, "limit": limit})
+        if not raw:
+            return FanoutResult()
+        rows = [OutboxRow(int(r[0]), *(_decode(v) for v in r[1:])) for r in raw]
+        plan = planner(rows)
+        new_cursor = rows[-1].id
+
+        async def write(conn: aiosqlite.Connection) -> FanoutResult:
+            planned = list(plan.events)
+            quarantined = list(plan.quarantined)
+            ids = json.dumps([p.event.event_id for p in planned])
+            existing = {
+                r[0] for r in await conn.execute_fetchall(_Q["existing_event_ids"], {"ids": ids})
+            }
+            if existing:
+                for p in [p for p in planned if p.event.event_id in existing]:
+                    planned.remove(p)
+                    quarantined.append(
+                        Quarantined(
+                            outbox_id=p.event.outbox_id,
+                            reason="duplicate_event_id",
+                            detail=f"event_id {p.event.event_id!r} was already delivered",
+                            event_type=p.event.event_type,
+                            event_id=p.event.event_id,
+                        )
+                    )
+            first_pk = next(iter(await conn.execute_fetchall(_Q["max_event_pk"])))[0] + 1
+            event_rows = []
+            delivery_rows = []
+            for offset, p in enumerate(planned):
+                e = p.event
+                pk = first_pk + offset
+                event_rows.append(
+                    (
+                        pk,
+                        e.outbox_id,
+                        e.event_id,
+                        e.event_type,
+                        e.tenant,
+                        e.occurred_at,
+                        e.body,
+                        now,
+                    )
+                )
+                delivery_rows += [
+                    (d.delivery_id, pk, d.endpoint_id, now, now, now) for d in p.deliveries
+                ]
+            if event_rows:
+                await conn.executemany(_Q["insert_event"], event_rows)
+            if delivery_rows:
+                await conn.executemany(_Q["insert_delivery"], delivery_rows)
+            if quarantined:
+                await conn.executemany(
+                    _Q["insert_quarantine"],
+                    [
+                        (q.outbox_id, q.reason, q.detail, q.event_type, q.event_id, now)
+                        for q in quarantined
+                    ],
+                )
+            moved = await conn.execute(_Q["advance_cursor"], {"new": new_cursor, "old": cursor})
+            if moved.rowcount != 1:
+                raise StorageError(
+                    "the outbox cursor moved under this daemon: is another webhookd running on "
+                    f"{self.path}?"
+                )
+            return FanoutResult(
+                rows=len(rows),
+                events=len(event_rows),
+                deliveries=len(delivery_rows),
+                quarantined=tuple(quarantined),
+                endpoints=frozenset(d.endpoint_id for p in planned for d in p.deliveries),
+            )
+
+        return await self._transaction("fan out", write)
+
+    async def oldest_unprocessed(self) -> str | None:
+        cursor = await self._cursor()
+        rows = await self._read("read outbox", _Q["oldest_unprocessed"], {"after": cursor})
+        if not rows:
+            return None
+        value = _decode(rows[0][0])
+        return value if isinstance(value, str) else ""
+
+    # -- endpoints ---------------------------------------------------------------------------
+
+    async def endpoints_version(self) -> int:
+        rows = await self._read("read endpoints version", _Q["endpoints_version"])
+        return int(rows[0][0]) if rows else 0
+
+    async def table_endpoints(self) -> list[Mapping[str, object]]:
+        rows = await self._read("read endpoints", _Q["table_endpoints"])
+        keys = ("id", "url", "secret", "events", "tenant", "enabled", "max_concurrency",
+                "headers", "description")  # fmt: skip
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    # -- deliveries --------------------------------------------------------------------------
+
+    async def claim_due(self, endpoint_id: str, now: float, limit: int) -> list[Delivery]:
+        leased = self._leased.setdefault(endpoint_id, set())
+        rows = await self._read(
+            "claim deliveries",
+            _Q["claim_due"],
+            {
+                "endpoint": endpoint_id,
+                "now": now,
+                "leased": json.dumps(sorted(leased)),
+                "limit": limit,
+            },
+        )
+        out = []
+        for r in rows:
+            delivery = Delivery(
+                pk=r[0],
+                delivery_id=r[1],
+                endpoint_id=r[2],
+                event_id=r[3],
+                event_type=r[4],
+                occurred_at=r[5],
+                body=bytes(r[6]),
+                attempts=r[7],
+                created_at=r[8],
+            )
+            leased.add(delivery.pk)
+            self._lease_endpoint[delivery.pk] = endpoint_id
+            out.append(delivery)
+        return out
+
+    async def next_due_at(self, endpoint_id: str) -> float | None:
+        leased = self._leased.get(endpoint_id, set())
+        rows = await self._read(
+            "read schedule",
+            _Q["next_due"],
+            {"endpoint": endpoint_id, "leased": json.dumps(sorted(leased))},
+        )
+        return float(rows[0][0]) if rows else None
+
+    async def record(self, outcomes: Sequence[AttemptOutcome]) -> None:
+        if not outcomes:
+            return
+        now = time.time()
+
+        async def write(conn: aiosqlite.Connection) -> None:
+            await conn.executemany(
+                _Q["insert_attempt"],
+                [
+                    (
+                        o.delivery_pk,
+                        o.attempt_no,
+                        o.started_at,
+                        o.duration_seconds,
+                        o.result.value,
+                        o.status_code,
+                        o.error,
+                        o.response_excerpt,
+                    )
+                    for o in outcomes
+                ],
+            )
+            await conn.executemany(
+                _Q["update_delivery"],
+                [
+                    (
+                        o.new_state.value,
+                        o.attempt_no,
+                        o.next_attempt_at,
+                        now,
+                        o.status_code,
+                        o.error,
+                        o.delivery_pk,
+                    )
+                    for o in outcomes
+                ],
+            )
+
+        await self._transaction("record attempts", write)
+        self._end_leases(o.delivery_pk for o in outcomes)
+
+    async def release(self, delivery_pks: Sequence[int]) -> None:
+        self._end_leases(delivery_pks)
+
+    def _end_leases(self, pks: Any) -> None:
+        for pk in pks:
+            endpoint_id = self._lease_endpoint.pop(pk, None)
+            if endpoint_id is not None:
+                self._leased[endpoint_id].discard(pk)
+
+    async def pending_counts(self) -> dict[str, int]:
+        rows = await self._read("count pending", _Q["pending_counts"])
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def list_deliveries(self, filters: DeliveryFilter) -> list[DeliveryRecord]:
+        return await self._deliveries(filters, None)
+
+    async def _deliveries(self, f: DeliveryFilter, delivery_id: str | None) -> list[DeliveryRecord]:
+        rows = await self._read(
+            "list deliveries",
+            _Q["list_deliveries"],
+            {
+                "state": f.state,
+                "endpoint": f.endpoint_id,
+                "event_type": f.event_type,
+                "event_id": f.event_id,
+                "tenant": f.tenant,
+                "delivery_id": delivery_id,
+                "limit": f.limit,
+            },
+        )
+        return [
+            DeliveryRecord(
+                delivery_id=r[0],
+                endpoint_id=r[1],
+                event_id=r[2],
+                event_type=r[3],
+                tenant=r[4],
+                state=r[5],
+                attempts=r[6],
+                created_at=r[7],
+                updated_at=r[8],
+                next_attempt_at=r[9] if r[5] == "pending" else None,
+                last_status=r[10],
+                last_error=r[11],
+            )
+            for r in rows
+        ]
+
+    async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
+        found = await self._read(
+            "find delivery",
+            "SELECT id FROM webhookd_deliveries WHERE delivery_id = ?",
+            (delivery_id,),
+        )
+        if not found:
+            return None
+        records = await self._deliveries(DeliveryFilter(limit=1), delivery_id)
+        attempts = await self._read("list attempts", _Q["list_attempts"], {"pk": found[0][0]})
+        from dataclasses import replace
+
+        return replace(records[0], attempt_log=tuple(AttemptRecord(*a) for a in attempts))
+
+    async def list_quarantine(self, limit: int) -> list[QuarantineRecord]:
+        rows = await self._read("list quarantine", _Q["list_quarantine"], {"limit": limit})
+        return [QuarantineRecord(*r) for r in rows]
+
+
+def _split_statements(script: str) -> list[str]:
+    """Split a migration script into statements (triggers' BEGIN … END kept whole)."""
+    statements = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            statement = current.strip()
+            if statement and not all(
+                ln.strip().startswith("--") or not ln.strip() for ln in statement.splitlines()
+            ):
+                statements.append(statement)
+            current = ""
+    if current.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in current.splitlines()
+    ):
+        raise StorageError("a migration ends with an incomplete SQL statement")
+    return statements
