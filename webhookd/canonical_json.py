@@ -33,7 +33,7 @@ JSONValue: TypeAlias = bool | int | float | str | list["JSONValue"] | dict[str, 
 
 MAX_SAFE_INTEGER: int = 2**53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
 MAX_DEPTH: int = 256  # deepest nesting of arrays/objects accepted; a scalar has depth 0
-MAX_ARRAY_INDEX = 2**32 - 2  # JS orders keys "0".."4294967294" first, ascending
+_MAX_ARRAY_INDEX = 2**32 - 2  # JS orders keys "0".."4294967294" first, ascending
 
 # Integer literals of up to 15 digits are always safe (MAX_SAFE_INTEGER has 16 digits).
 _SAFE_INTEGER_DIGITS = 15
@@ -131,10 +131,13 @@ def _unsafe_integer(literal: str) -> CanonicalJSONError:
 def _encode_str(s: str) -> str:
     if s.isascii() or _SURROGATE_RE.search(s) is None:
         return encode_basestring(s)
-    # A pair held as two code points is one astral character to JS: merge it. Lone surrogates
-    # stay and JSON.stringify writes them as lowercase \uXXXX escapes.
-    merged = s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
-    return _SURROGATE_RE.sub(_escape_surrogate, encode_basestring(merged))
+    # Lone surrogates stay; JSON.stringify writes them as lowercase \uXXXX escapes.
+    return _SURROGATE_RE.sub(_escape_surrogate, encode_basestring(_merge_pairs(s)))
+
+
+def _merge_pairs(s: str) -> str:
+    """Join surrogate pairs held as two code points into the one astral character JS sees."""
+    return s.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "surrogatepass")
 
 
 def _escape_surrogate(match: re.Match[str]) -> str:
@@ -146,7 +149,7 @@ def _is_array_index(key: str) -> bool:
         key.isascii()
         and key.isdigit()
         and (key[0] != "0" or len(key) == 1)
-        and (len(key) < 10 or int(key) <= MAX_ARRAY_INDEX)
+        and (len(key) < 10 or int(key) <= _MAX_ARRAY_INDEX)
     )
 
 
@@ -173,6 +176,8 @@ def dumps(value: JSONValue) -> str:
         return text
     try:
         return _encode(value, 0)
+    except RecursionError:  # only when called from an already deep stack
+        raise CanonicalJSONError("too_deep", _too_deep().detail) from None
     except _Failure as failure:
         where = "".join(
             f"[{p}]" if isinstance(p, int) else f"[{json.dumps(p)}]" for p in failure.path
@@ -202,8 +207,8 @@ _JS_DIFFERENCES = (
 
 def _plain_dumps(value: JSONValue) -> str | None:
     """The C encoder's output if JSON.stringify would write exactly the same, else None."""
-    # Measured on a 1.2 kB booking payload: C encoder plus these checks takes 25 us where the
-    # Python encoder takes 49 us.
+    # Measured on a 1.2 kB booking payload (CPython 3.11): the C encoder plus these checks take
+    # 28 us, the Python encoder 47 us (1.7x). Checks cost about as much as the encoding itself.
     try:
         text = _PLAIN_ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError):
@@ -271,26 +276,31 @@ def _encode_dict(obj: dict[object, object], depth: int) -> str:
     if depth > MAX_DEPTH:
         raise _too_deep()
     indices: list[str] = []
+    surrogates = False
     for key in obj:
         if not isinstance(key, str):
             raise _Failure("bad_key", f"object key {key!r} is not a string")
         if key[:1] in _DIGITS and _is_array_index(key):
             indices.append(key)
+        elif not key.isascii() and _SURROGATE_RE.search(key) is not None:
+            surrogates = True
+    if surrogates:
+        # Two keys can be one string to JS (a pair held as two code points, and the astral
+        # character itself); as in JS, the last value wins in the first key's position.
+        obj = {_merge_pairs(key): value for key, value in obj.items()}  # type: ignore[arg-type]
     keys: list[str] = list(obj)  # type: ignore[arg-type]  # all checked to be str above
     if indices:
         # JS lists integer-index keys first in ascending order, then the rest as inserted.
         index_set = set(indices)
         keys = sorted(indices, key=int) + [k for k in keys if k not in index_set]
-    encoded: dict[str, str] = {}
+    parts = []
     for key in keys:
         try:
-            # Two keys can be one string to JS ("\ud83d\ude00" as two code points, and the
-            # astral character itself); as in JS, the last value wins in the first position.
-            encoded[_encode_str(key)] = _encode(obj[key], depth)
+            parts.append(_encode_str(key) + ":" + _encode(obj[key], depth))
         except _Failure as failure:
             failure.path.insert(0, key)
             raise
-    return "{" + ",".join(k + ":" + v for k, v in encoded.items()) + "}"
+    return "{" + ",".join(parts) + "}"
 
 
 # --------------------------------------------------------------------------- loads
@@ -333,7 +343,11 @@ _DECODER = json.JSONDecoder(
 
 
 def loads(text: str | bytes) -> JSONValue:
-    """Parse ``text`` as JavaScript's ``JSON.parse`` would, rejecting anything it would alter."""
+    """Parse ``text`` as JavaScript's ``JSON.parse`` would, rejecting anything it would alter.
+
+    Integer literals beyond ±MAX_SAFE_INTEGER are all refused, even those a double holds
+    exactly (2**53), so that big identifiers fail every time rather than now and then.
+    """
     if isinstance(text, bytes | bytearray):
         try:
             text = bytes(text).decode("utf-8")

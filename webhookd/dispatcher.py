@@ -45,6 +45,7 @@ logger = logging.getLogger("webhookd.dispatcher")
 
 STORE_RETRY_INITIAL_SECONDS = 0.2
 STORE_RETRY_MAX_SECONDS = 10.0
+RECORDER_FLUSH_SECONDS = 10.0
 
 
 def decide(
@@ -101,13 +102,21 @@ class EndpointWorker:
     def __init__(self, dispatcher: Dispatcher, endpoint: Endpoint) -> None:
         self.d = dispatcher
         self.endpoint = endpoint
-        self.inflight: set[asyncio.Task[None]] = set()
+        # Owned by the dispatcher, so requests still running when a worker is replaced (endpoint
+        # disabled and enabled again) keep counting against the endpoint's cap.
+        self.inflight = dispatcher.inflight.setdefault(endpoint.id, set())
         self.wake = asyncio.Event()
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._run(), name=f"endpoint:{self.endpoint.id}")
+        self.task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or (self.stopping and task.exception() is None):
+            return
+        self.d.task_crashed(task)  # a worker must only end when told to
 
     def stop(self) -> None:
         self.stopping = True
@@ -148,6 +157,9 @@ class EndpointWorker:
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
         self.wake.set()
+        worker = self.d.workers.get(self.endpoint.id)
+        if worker is not None and worker is not self:
+            worker.wake.set()  # this worker was replaced; the new one has a free slot now
         if not task.cancelled() and task.exception() is not None:
             self.d.task_crashed(task)
 
@@ -173,6 +185,7 @@ class Dispatcher:
         self.recorder = Recorder(store)
         self.endpoints: dict[str, Endpoint] = {}
         self.workers: dict[str, EndpointWorker] = {}
+        self.inflight: dict[str, set[asyncio.Task[None]]] = {}
         self._static = endpoints_mod.from_settings(settings)
         self._endpoints_version: int | None = None
         self._stopping = asyncio.Event()
@@ -195,7 +208,7 @@ class Dispatcher:
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
         ]
         for task in self._tasks:
-            task.add_done_callback(self._side_task_done)
+            task.add_done_callback(self.side_task_done)
         self.running = True
 
     def stop_claiming(self) -> None:
@@ -207,7 +220,7 @@ class Dispatcher:
         """Wait up to ``grace_seconds`` for in-flight requests; cancel the rest (their leases are
         released, no attempt is counted). Returns how many were cancelled."""
         self.stop_claiming()
-        inflight = [t for w in self.workers.values() for t in w.inflight]
+        inflight = [t for tasks in self.inflight.values() for t in tasks]
         cancelled = 0
         if inflight:
             _, pending = await asyncio.wait(inflight, timeout=grace_seconds)
@@ -219,15 +232,20 @@ class Dispatcher:
         workers = [w.task for w in self.workers.values() if w.task is not None]
         if workers:
             await asyncio.wait(workers)
+        # Outcomes already obtained are written now; if the store is failing, give up after a
+        # bound: those deliveries stay pending and are sent again after the restart.
         self.recorder.close()
+        recorder = [t for t in self._tasks if t.get_name() == "recorder"]
+        if recorder:
+            await asyncio.wait(recorder, timeout=RECORDER_FLUSH_SECONDS)
         for task in self._tasks:
-            if task.get_name() != "recorder":
-                task.cancel()
+            task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self.running = False
         return cancelled
 
-    def _side_task_done(self, task: asyncio.Task[None]) -> None:
+    def side_task_done(self, task: asyncio.Task[None]) -> None:
+        """Supervision: a side task or worker that ends while running stops the daemon."""
         if task.cancelled() or self._stopping.is_set():
             return
         self.task_crashed(task)

@@ -85,7 +85,8 @@ def test_integers_beyond_safe_range_are_refused(number: int) -> None:
     assert str(number)[:20] in message
     assert "JavaScript would round it" in message
     assert '$["id"]' in message
-    for where in ([number], [0, number], number):
+    shapes: list[JSONValue] = [[number], [0, number], number]
+    for where in shapes:
         with pytest.raises(CanonicalJSONError) as info:
             dumps(where)
         assert info.value.reason == "unsafe_integer"
@@ -168,6 +169,12 @@ def test_key_order(keys: list[str], expected: str) -> None:
 
 def test_duplicate_keys_keep_first_position_and_last_value() -> None:
     assert canonicalize('{"a":1,"b":2,"a":3}') == '{"a":3,"b":2}'
+
+
+def test_keys_that_are_one_string_in_javascript_are_merged_like_duplicates() -> None:
+    # A surrogate pair held as two code points and the astral character are the same JS key.
+    assert dumps({"\ud83d\ude00": 1, "b": 2, "\U0001f600": 3}) == '{"\U0001f600":3,"b":2}'
+    assert canonicalize('{"\ud83d\ude00":1,"b":2,"\U0001f600":3}') == '{"\U0001f600":3,"b":2}'
 
 
 def test_nested_objects_are_ordered_too() -> None:
@@ -297,6 +304,9 @@ def test_loads_returns_python_values() -> None:
         ("-9007199254740992", "unsafe_integer"),
         ("9007199254740993", "unsafe_integer"),
         ("[1152921504606846976]", "unsafe_integer"),
+        # Refused even where a later duplicate key would make JSON.parse drop it.
+        ('{"a":1e400,"a":0}', "non_finite_number"),
+        ('{"a":9007199254740993,"a":0}', "unsafe_integer"),
         ("", "invalid_json"),
         (" ", "invalid_json"),
         ("[1,]", "invalid_json"),

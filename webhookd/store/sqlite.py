@@ -56,6 +56,16 @@ def _is_busy(exc: BaseException) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _busy_retrying() -> AsyncRetrying:
+    """Transient "database is locked" errors are waited out, never fatal on the first try."""
+    return AsyncRetrying(
+        retry=retry_if_exception(_is_busy),
+        stop=stop_after_attempt(BUSY_RETRY_ATTEMPTS) | stop_after_delay(BUSY_RETRY_MAX_SECONDS),
+        wait=wait_random_exponential(multiplier=0.05, max=2.0),
+        reraise=True,
+    )
+
+
 def _decode(value: object) -> object:
     """Outbox columns arrive as bytes (so that invalid UTF-8 cannot crash the reader)."""
     if isinstance(value, bytes):
@@ -150,23 +160,21 @@ class SQLiteBackend:
         return self._writer
 
     async def _read(self, op: str, sql: str, params: Any = ()) -> list[Any]:
+        """One autocommit query, fetched to the end; retried while the file is busy."""
         try:
-            return list(await self._r.execute_fetchall(sql, params))
+            async for attempt in _busy_retrying():
+                with attempt:
+                    return list(await self._r.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise StorageError(f"{op} failed on {self.path}: {exc}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _transaction(
         self, op: str, body: Callable[[aiosqlite.Connection], Awaitable[T]]
     ) -> T:
         """Run ``body`` in ``BEGIN IMMEDIATE`` … ``COMMIT``, retrying while the file is locked."""
         try:
-            async for attempt in AsyncRetrying(
-                retry=retry_if_exception(_is_busy),
-                stop=stop_after_attempt(BUSY_RETRY_ATTEMPTS)
-                | stop_after_delay(BUSY_RETRY_MAX_SECONDS),
-                wait=wait_random_exponential(multiplier=0.05, max=2.0),
-                reraise=True,
-            ):
+            async for attempt in _busy_retrying():
                 with attempt:
                     async with self._write_lock:
                         conn = self._w
