@@ -71,6 +71,12 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
 
 
 async def _with_store(settings: Settings, body: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
+    """Run ``body`` on an open, migrated store. Never creates a database as a side effect."""
+    if not settings.database.path.exists():
+        raise WebhookdError(
+            f"database {settings.database.path} does not exist: check database.path, "
+            "or run `webhookd migrate` to create it"
+        )
     store = open_store(settings)
     await store.open()
     try:

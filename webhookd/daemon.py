@@ -29,7 +29,7 @@ READINESS_PING_TIMEOUT_SECONDS = 2.0
 class Daemon:
     def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
         self.settings = settings
-        self.metrics = metrics or Metrics()
+        self.metrics = metrics or Metrics(settings.http.max_endpoint_labels)
         self.store = open_store(settings, self.metrics)
         self.sender = Sender(settings.delivery)
         self.dispatcher = Dispatcher(settings, self.store, self.sender, self.metrics)
@@ -85,6 +85,14 @@ class Daemon:
                 ) from exc
         self.ready = True
         self.started.set()
+        if not self.dispatcher.endpoints:
+            log_event(
+                logger,
+                logging.WARNING,
+                "no_endpoints",
+                hint="add [[endpoints]] to the config file or rows to webhook_endpoints; "
+                "events are recorded but go nowhere until then",
+            )
         log_event(
             logger,
             logging.INFO,

@@ -5,7 +5,14 @@ Each daemon owns one :class:`Metrics` with its own registry, so tests can run se
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from webhookd import __version__
 
@@ -21,6 +28,8 @@ _EVENT_TO_DELIVERY_BUCKETS = (
 
 class Metrics:
     def __init__(self, max_endpoint_labels: int = DEFAULT_MAX_ENDPOINT_LABELS) -> None:
+        # The *_created series double the output and tell monitoring nothing it needs.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self._max_endpoint_labels = max_endpoint_labels
         self._endpoint_labels: set[str] = set()

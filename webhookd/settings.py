@@ -24,6 +24,7 @@ DEFAULT_DATABASE_PATH = "webhookd.db"
 DEFAULT_BUSY_TIMEOUT_SECONDS = 5.0
 DEFAULT_LISTEN = "127.0.0.1:9180"
 DEFAULT_READY_MAX_LAG_SECONDS = 300.0
+DEFAULT_MAX_ENDPOINT_LABELS = 200
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_TIMEOUT_SECONDS = 15.0
 DEFAULT_MAX_INFLIGHT = 256
@@ -63,7 +64,17 @@ class HttpSettings(_Section):
         default=DEFAULT_LISTEN,
         description="host:port for /healthz, /readyz and /metrics; '' disables the port.",
     )
-    ready_max_lag_seconds: float = Field(default=DEFAULT_READY_MAX_LAG_SECONDS, gt=0)
+    ready_max_lag_seconds: float = Field(
+        default=DEFAULT_READY_MAX_LAG_SECONDS,
+        gt=0,
+        description="/readyz fails when the oldest unprocessed outbox row is older than this.",
+    )
+    max_endpoint_labels: int = Field(
+        default=DEFAULT_MAX_ENDPOINT_LABELS,
+        ge=1,
+        le=100_000,
+        description="Endpoints beyond this many share the metrics label '_other'.",
+    )
 
     @field_validator("listen")
     @classmethod

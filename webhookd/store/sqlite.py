@@ -240,7 +240,8 @@ class SQLiteBackend:
         return int(value or 0)
 
     async def ping(self) -> None:
-        await self._read("ping", "SELECT 1")
+        # Reads a page of the file: "SELECT 1" would succeed even with the file gone bad.
+        await self._read("ping", _Q["get_cursor"])
 
     # -- outbox ------------------------------------------------------------------------------
 
