@@ -90,8 +90,9 @@ class SeedReceiver:
             text = self.record_file.read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
-        lines = text.splitlines(keepends=True)
-        return [json.loads(line) for line in lines if line.endswith("\n")]
+        # Split on "\n" only: str.splitlines also splits at U+2028/U+2029, which JSON.stringify
+        # leaves raw inside strings. The piece after the last "\n" is an unfinished line.
+        return [json.loads(line) for line in text.split("\n")[:-1] if line]
 
     def _check(self, until: Until) -> list[Record] | None:
         records = self.records()

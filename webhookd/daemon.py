@@ -44,12 +44,22 @@ class Daemon:
             log_event(logger, logging.INFO, "stop_requested", signal=signame)
         self.stop_event.set()
 
+    def _sighup(self) -> None:
+        log_event(
+            logger,
+            logging.WARNING,
+            "reload_unsupported",
+            hint="this version does not reload its configuration; restart to apply changes",
+        )
+
     async def run(self, *, install_signal_handlers: bool = False) -> None:
         """Run until :meth:`request_stop` (or SIGTERM/SIGINT when handlers are installed)."""
         loop = asyncio.get_running_loop()
         if install_signal_handlers:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_stop, sig.name)
+            # Until configuration reload exists, SIGHUP must not kill the daemon (its default).
+            loop.add_signal_handler(signal.SIGHUP, self._sighup)
         try:
             await self._start()
             waiters = [
@@ -62,7 +72,7 @@ class Daemon:
         finally:
             await self._shutdown()
             if install_signal_handlers:
-                for sig in (signal.SIGTERM, signal.SIGINT):
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     loop.remove_signal_handler(sig)
         if self.dispatcher.crashed is not None:
             raise WebhookdError(f"stopped after an internal failure: {self.dispatcher.crashed!r}")

@@ -34,7 +34,8 @@ def url_problem(url: str, *, allow_http: bool) -> str | None:
     except ValueError as exc:
         return f"url is not valid: {exc}"
     if parts.scheme not in ("https", "http"):
-        return f"url must start with https:// (got {url[:40]!r})"
+        shown = f"{parts.scheme}:" if parts.scheme else "no scheme"
+        return f"url must start with https:// (got {shown})"
     if parts.scheme == "http" and not allow_http:
         return (
             "url uses plain http://; use https://, or set delivery.allow_http = true "

@@ -117,8 +117,8 @@ def event_from_row(row: OutboxRow, *, max_payload_bytes: int, now: float) -> Eve
             raise PayloadError("bad_event_type", problem)
         assert isinstance(row.event_type, str)
         data_json = canonical_payload(row.payload, max_bytes=max_payload_bytes)
-        event_id = _event_id(row.event_id, now)
-        tenant = _tenant(row.tenant)
+        event_id = parse_event_id(row.event_id, now)
+        tenant = parse_tenant(row.tenant)
         if row.occurred_at is None or row.occurred_at == "":
             occurred_at = format_timestamp(datetime.fromtimestamp(now, UTC))
         else:
@@ -141,7 +141,8 @@ def event_from_row(row: OutboxRow, *, max_payload_bytes: int, now: float) -> Eve
     )
 
 
-def _event_id(value: object, now: float) -> str:
+def parse_event_id(value: object, now: float) -> str:
+    """The event id to use: the app's (validated) or a new one when it gave none."""
     if value is None:
         return new_id("evt", now)
     if isinstance(value, int) and not isinstance(value, bool):
@@ -158,7 +159,8 @@ def _event_id(value: object, now: float) -> str:
     return value
 
 
-def _tenant(value: object) -> str | None:
+def parse_tenant(value: object) -> str | None:
+    """The tenant, validated; empty means none."""
     if value is None or value == "":
         return None
     if isinstance(value, int) and not isinstance(value, bool):

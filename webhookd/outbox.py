@@ -10,14 +10,14 @@ transaction. Other languages insert the row with plain SQL (see the README).
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from webhookd import canonical_json
 from webhookd.errors import PayloadError
-from webhookd.events import MAX_EVENT_ID_LENGTH, format_timestamp, normalize_timestamp
-from webhookd.ids import new_id
+from webhookd.events import format_timestamp, normalize_timestamp, parse_event_id, parse_tenant
 from webhookd.routing import event_type_problem
 from webhookd.settings import DEFAULT_MAX_PAYLOAD_BYTES
 
@@ -55,10 +55,9 @@ def enqueue(
         raise PayloadError(
             "too_large", f"payload is {size} bytes, over the limit of {max_payload_bytes}"
         )
-    if event_id is None:
-        event_id = new_id("evt")
-    elif not event_id or len(event_id) > MAX_EVENT_ID_LENGTH or not event_id.isprintable():
-        raise PayloadError("bad_event_id", "event_id must be 1-200 printable characters")
+    # The same checks the daemon applies at fan-out: what enqueue accepts is never quarantined.
+    event_id = parse_event_id(event_id, time.time())
+    tenant = parse_tenant(tenant)
     if isinstance(occurred_at, datetime):
         if occurred_at.tzinfo is None:
             raise PayloadError("bad_occurred_at", "occurred_at must be timezone-aware")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,7 +94,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` → (host, port); raises ValueError with a clear message."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"listen must look like '127.0.0.1:9180' or '[::1]:9180', got {value!r}")
+        raise ValueError("listen must look like '127.0.0.1:9180' or '[::1]:9180'")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         ipaddress.IPv6Address(host)
@@ -283,7 +284,16 @@ def load_settings(path: Path | str | None = None) -> Settings:
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_errors(exc), source) from None
+        # Also report the problems across keys, as far as the raw file shows them, so that the
+        # user gets every problem in one go; a key that already has an error is not repeated.
+        problems = format_validation_errors(exc)
+        failed = {_format_loc(e["loc"]) for e in exc.errors()}
+        for loc, message in cross_key_problems(data):
+            if not any(
+                f == loc or f.startswith(loc + ".") or f.startswith(loc + "[") for f in failed
+            ):
+                problems.append(f"{loc}: {message}")
+        raise ConfigError(problems, source) from None
     problems = check_settings(settings)
     if problems:
         raise ConfigError(problems, source)
@@ -316,7 +326,8 @@ def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> None:
                 item["secret_file"] = str(base_dir / Path(item["secret_file"]).expanduser())
 
 
-_SECRET_KEYS = frozenset({"secret"})
+# Values of these keys are never echoed in errors: secrets, and URLs (they may hold credentials).
+_UNECHOED_KEYS = frozenset({"secret", "url"})
 
 
 def format_validation_errors(exc: ValidationError) -> list[str]:
@@ -329,7 +340,7 @@ def format_validation_errors(exc: ValidationError) -> list[str]:
             message = "unknown key (check the spelling against config.example.toml)"
         elif err["type"] == "missing":
             message = "required key is missing"
-        elif not _SECRET_KEYS.intersection(str(p) for p in err["loc"]):
+        elif not _UNECHOED_KEYS.intersection(str(p) for p in err["loc"]):
             value = err.get("input")
             if isinstance(value, str | int | float | bool) and not isinstance(value, dict):
                 shown = repr(value)
@@ -349,19 +360,45 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
 
 
 def check_settings(settings: Settings) -> list[str]:
-    """Problems that involve more than one key."""
-    from webhookd.endpoints import url_problem
+    """Problems that involve more than one key, as ``key.path: message`` lines."""
+    return [f"{loc}: {message}" for loc, message in cross_key_problems(settings.model_dump())]
 
+
+def cross_key_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(key path, message) for rules that span keys. Works on validated settings dumped to a
+    dict and on a raw, possibly invalid, file: values of the wrong type are skipped."""
+    from webhookd.endpoints import reserved_header_problem, url_problem
+
+    delivery = data.get("delivery")
+    allow_http = isinstance(delivery, Mapping) and delivery.get("allow_http") is True
+    prefix = delivery.get("header_prefix") if isinstance(delivery, Mapping) else None
+    if not isinstance(prefix, str):
+        prefix = DEFAULT_HEADER_PREFIX
+    endpoints = data.get("endpoints")
+    if not isinstance(endpoints, list | tuple):
+        return []
     problems = []
     seen: set[str] = set()
-    for i, ep in enumerate(settings.endpoints):
+    for i, ep in enumerate(endpoints):
+        if not isinstance(ep, Mapping):
+            continue
         where = f"endpoints[{i}]"
-        if ep.id in seen:
-            problems.append(f"{where}.id: duplicate endpoint id {ep.id!r}")
-        seen.add(ep.id)
-        if (ep.secret is None) == (ep.secret_file is None):
-            problems.append(f"{where}: set exactly one of 'secret' or 'secret_file'")
-        problem = url_problem(ep.url, allow_http=settings.delivery.allow_http)
-        if problem:
-            problems.append(f"{where}.url: {problem}")
+        ep_id = ep.get("id")
+        if isinstance(ep_id, str):
+            if ep_id in seen:
+                problems.append((f"{where}.id", f"duplicate endpoint id {ep_id!r}"))
+            seen.add(ep_id)
+        if (ep.get("secret") is None) == (ep.get("secret_file") is None):
+            problems.append((where, "set exactly one of 'secret' or 'secret_file'"))
+        url = ep.get("url")
+        if isinstance(url, str):
+            problem = url_problem(url, allow_http=allow_http)
+            if problem:
+                problems.append((f"{where}.url", problem))
+        headers = ep.get("headers")
+        if isinstance(headers, Mapping):
+            for name in headers:
+                problem = reserved_header_problem(str(name), prefix)
+                if problem:
+                    problems.append((f"{where}.headers", problem))
     return problems

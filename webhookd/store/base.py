@@ -20,6 +20,8 @@ from webhookd.models import (
     FanoutPlan,
     FanoutResult,
     OutboxRow,
+    PlannedEvent,
+    Quarantined,
     QuarantineRecord,
 )
 
@@ -167,6 +169,31 @@ class Store:
 
     async def list_quarantine(self, limit: int) -> list[QuarantineRecord]:
         return await self.backend.list_quarantine(limit)
+
+
+def split_duplicates(
+    planned: Sequence[PlannedEvent], existing: set[str]
+) -> tuple[list[PlannedEvent], list[Quarantined]]:
+    """Events whose id was already fanned out (``existing``) or appears earlier in the same
+    batch are quarantined as ``duplicate_event_id``; the rest are kept, in order."""
+    seen = set(existing)
+    kept: list[PlannedEvent] = []
+    duplicates: list[Quarantined] = []
+    for p in planned:
+        if p.event.event_id in seen:
+            duplicates.append(
+                Quarantined(
+                    outbox_id=p.event.outbox_id,
+                    reason="duplicate_event_id",
+                    detail=f"event_id {p.event.event_id!r} was already delivered",
+                    event_type=p.event.event_type,
+                    event_id=p.event.event_id,
+                )
+            )
+        else:
+            seen.add(p.event.event_id)
+            kept.append(p)
+    return kept, duplicates
 
 
 _NAME_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)

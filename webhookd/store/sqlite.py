@@ -37,10 +37,9 @@ from webhookd.models import (
     DeliveryRecord,
     FanoutResult,
     OutboxRow,
-    Quarantined,
     QuarantineRecord,
 )
-from webhookd.store.base import Planner, load_migrations, load_queries
+from webhookd.store.base import Planner, load_migrations, load_queries, split_duplicates
 
 T = TypeVar("T")
 
@@ -274,18 +273,8 @@ class SQLiteBackend:
             existing = {
                 r[0] for r in await conn.execute_fetchall(_Q["existing_event_ids"], {"ids": ids})
             }
-            if existing:
-                for p in [p for p in planned if p.event.event_id in existing]:
-                    planned.remove(p)
-                    quarantined.append(
-                        Quarantined(
-                            outbox_id=p.event.outbox_id,
-                            reason="duplicate_event_id",
-                            detail=f"event_id {p.event.event_id!r} was already delivered",
-                            event_type=p.event.event_type,
-                            event_id=p.event.event_id,
-                        )
-                    )
+            planned, duplicates = split_duplicates(planned, existing)
+            quarantined += duplicates
             first_pk = next(iter(await conn.execute_fetchall(_Q["max_event_pk"])))[0] + 1
             event_rows = []
             delivery_rows = []
