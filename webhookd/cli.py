@@ -264,10 +264,20 @@ def cmd_deliveries_list(args: argparse.Namespace) -> int:
         tenant=args.tenant,
         limit=args.limit,
     )
-    records = run_async(_with_store(settings, lambda s: s.list_deliveries(filters)))
+
+    async def go(store: Store) -> tuple[list[DeliveryRecord], str | None]:
+        return await store.list_deliveries(filters), await store.oldest_unprocessed()
+
+    records, waiting_since = run_async(_with_store(settings, go))
     if args.json:
         _print_json([_delivery_dict(d) for d in records])
         return EXIT_OK
+    if waiting_since is not None:
+        print(
+            f"note: outbox rows since {waiting_since} are not fanned out yet "
+            "(is `webhookd run` running on this database?)",
+            file=sys.stderr,
+        )
     if not records:
         print("no deliveries match")
         return EXIT_OK

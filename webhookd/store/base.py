@@ -171,6 +171,17 @@ class Store:
         return await self.backend.list_quarantine(limit)
 
 
+def decode_outbox_value(value: object) -> object:
+    """Outbox columns are read as bytes, so that text that is not valid UTF-8 cannot fail the
+    read: valid UTF-8 becomes text, the rest stays bytes (and its row is quarantined)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
+
+
 def split_duplicates(
     planned: Sequence[PlannedEvent], existing: set[str]
 ) -> tuple[list[PlannedEvent], list[Quarantined]]:

@@ -37,7 +37,7 @@ from webhookd.models import (
     PlannedEvent,
     QuarantineRecord,
 )
-from webhookd.store.base import Planner, load_migrations, split_duplicates
+from webhookd.store.base import Planner, decode_outbox_value, load_migrations, split_duplicates
 
 if TYPE_CHECKING:
     from webhookd.store.base import StoreBackend
@@ -296,11 +296,11 @@ class MemoryBackend:
         rows = [
             OutboxRow(
                 r.id,
-                _decode(r.event_type),
-                _decode(r.payload),
-                _decode(r.event_id),
-                _decode(r.tenant),
-                _decode(r.occurred_at),
+                decode_outbox_value(r.event_type),
+                decode_outbox_value(r.payload),
+                decode_outbox_value(r.event_id),
+                decode_outbox_value(r.tenant),
+                decode_outbox_value(r.occurred_at),
             )
             for r in self._unprocessed(db, limit)
         ]
@@ -334,7 +334,7 @@ class MemoryBackend:
         rows = self._unprocessed(db, 1)
         if not rows:
             return None
-        value = _decode(rows[0].occurred_at)
+        value = decode_outbox_value(rows[0].occurred_at)
         return value if isinstance(value, str) else ""
 
     # -- endpoints ---------------------------------------------------------------------------
@@ -558,16 +558,6 @@ def _insert_events(db: MemoryDatabase, planned: Iterable[PlannedEvent], now: flo
 def _limited(items: list[T], limit: int) -> list[T]:
     """SQL ``LIMIT``: a negative limit means no limit."""
     return items if limit < 0 else items[:limit]
-
-
-def _decode(value: OutboxValue) -> OutboxValue:
-    """As the SQLite backend reads the outbox: bytes become text when they are valid UTF-8."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    return value
 
 
 def _text_affinity(value: str | bytes | int | None) -> OutboxValue:

@@ -39,7 +39,13 @@ from webhookd.models import (
     OutboxRow,
     QuarantineRecord,
 )
-from webhookd.store.base import Planner, load_migrations, load_queries, split_duplicates
+from webhookd.store.base import (
+    Planner,
+    decode_outbox_value,
+    load_migrations,
+    load_queries,
+    split_duplicates,
+)
 
 T = TypeVar("T")
 
@@ -63,16 +69,6 @@ def _busy_retrying() -> AsyncRetrying:
         wait=wait_random_exponential(multiplier=0.05, max=2.0),
         reraise=True,
     )
-
-
-def _decode(value: object) -> object:
-    """Outbox columns arrive as bytes (so that invalid UTF-8 cannot crash the reader)."""
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            return value
-    return value
 
 
 class SQLiteBackend:
@@ -262,7 +258,7 @@ class SQLiteBackend:
         raw = await self._read("read outbox", _Q["read_outbox"], {"after": cursor, "limit": limit})
         if not raw:
             return FanoutResult()
-        rows = [OutboxRow(int(r[0]), *(_decode(v) for v in r[1:])) for r in raw]
+        rows = [OutboxRow(int(r[0]), *(decode_outbox_value(v) for v in r[1:])) for r in raw]
         plan = planner(rows)
         new_cursor = rows[-1].id
 
@@ -329,7 +325,7 @@ class SQLiteBackend:
         rows = await self._read("read outbox", _Q["oldest_unprocessed"], {"after": cursor})
         if not rows:
             return None
-        value = _decode(rows[0][0])
+        value = decode_outbox_value(rows[0][0])
         return value if isinstance(value, str) else ""
 
     # -- endpoints ---------------------------------------------------------------------------
