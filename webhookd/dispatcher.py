@@ -338,7 +338,12 @@ class Dispatcher:
             try:
                 if await self.store.outbox_changed() or more:
                     await self.reload_endpoints()
-                    result = await self.store.fan_out(self._plan, batch_size, self.clock())
+                    result = await self.store.fan_out(
+                        self._plan,
+                        batch_size,
+                        self.clock(),
+                        max_payload_bytes=self.settings.outbox.max_payload_bytes,
+                    )
                     more = result.rows >= batch_size
                     for ep_id in result.endpoints:
                         worker = self.workers.get(ep_id)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from webhookd import canonical_json
 from webhookd.errors import PayloadError
 from webhookd.ids import new_id
-from webhookd.models import Event, OutboxRow, Quarantined
+from webhookd.models import Event, OutboxRow, OversizedPayload, Quarantined
 from webhookd.routing import event_type_problem
 
 MAX_EVENT_ID_LENGTH = 200
@@ -38,6 +38,8 @@ def canonical_payload(payload: object, *, max_bytes: int) -> str:
 
     Raises :class:`PayloadError` with a stable reason code when it cannot be sent unaltered.
     """
+    if isinstance(payload, OversizedPayload):
+        raise _too_large(payload.size, max_bytes)
     if isinstance(payload, bytes | bytearray | memoryview):
         payload = bytes(payload)
     elif not isinstance(payload, str):
@@ -46,17 +48,21 @@ def canonical_payload(payload: object, *, max_bytes: int) -> str:
         )
     size = len(payload) if isinstance(payload, bytes) else len(payload.encode("utf-8", "replace"))
     if size > max_bytes:
-        raise PayloadError(
-            "too_large",
-            f"payload is {size} bytes, over the limit of {max_bytes} "
-            "(outbox.max_payload_bytes); receivers' JSON parsers refuse large bodies",
-        )
+        raise _too_large(size, max_bytes)
     value = canonical_json.loads(payload)
     if not isinstance(value, dict):
         raise PayloadError(
             "not_object", f"payload must be a JSON object, got a JSON {_json_kind(value)}"
         )
     return canonical_json.dumps(value)
+
+
+def _too_large(size: int, max_bytes: int) -> PayloadError:
+    return PayloadError(
+        "too_large",
+        f"payload is {size} bytes, over the limit of {max_bytes} "
+        "(outbox.max_payload_bytes); receivers' JSON parsers refuse large bodies",
+    )
 
 
 def _json_kind(value: object) -> str:

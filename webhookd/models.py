@@ -39,6 +39,13 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class OversizedPayload:
+    """Stands in for a payload over the size limit, which the store does not even read."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxRow:
     """One row of ``webhook_outbox`` exactly as the application wrote it."""
 

@@ -27,6 +27,7 @@ from webhookd.models import (
     FanoutPlan,
     NewDelivery,
     OutboxRow,
+    OversizedPayload,
 )
 from webhookd.store.base import Planner, Store, StoreBackend
 from webhookd.store.memory import ENDPOINT_COLUMNS, ENDPOINT_DEFAULTS, MemoryBackend
@@ -251,6 +252,30 @@ async def test_fan_out_writes_events_deliveries_and_quarantine(harness: Harness)
         "booking.created",
         NOW,
     )
+
+
+async def test_fan_out_does_not_read_a_payload_over_the_limit(harness: Harness) -> None:
+    app, store = harness.app, harness.store
+    huge = app.insert_outbox("booking.created", '{"blob":"' + "x" * 200_000 + '"}')
+    small = app.insert_outbox("booking.created", '{"id":"book_1"}')
+    given: list[object] = []
+
+    def recording(rows: Sequence[OutboxRow]) -> FanoutPlan:
+        given.extend(r.payload for r in rows)
+        return planner()(rows)
+
+    result = await store.fan_out(recording, BATCH, NOW, max_payload_bytes=1000)
+
+    assert given == [OversizedPayload(200_011), '{"id":"book_1"}']
+    assert [(q.outbox_id, q.reason) for q in result.quarantined] == [(huge, "too_large")]
+    assert "200011 bytes" in result.quarantined[0].detail
+    deliveries = await store.list_deliveries(DeliveryFilter())
+    assert sorted(d.endpoint_id for d in deliveries) == ["a", "b"]  # only the small event's
+    [event_id] = {d.event_id for d in deliveries}
+    [claimed] = await store.claim_due("a", NOW, 10)
+    assert claimed.event_id == event_id
+    assert b'"data":{"id":"book_1"}' in claimed.body
+    assert small > huge
 
 
 async def test_fan_out_never_reads_a_row_twice(harness: Harness) -> None:

@@ -50,9 +50,12 @@ class StoreBackend(Protocol):
         """Cheap: whether anything was committed since the last call (may say yes spuriously)."""
         ...
 
-    async def fan_out(self, planner: Planner, limit: int, now: float) -> FanoutResult:
+    async def fan_out(
+        self, planner: Planner, limit: int, now: float, *, max_payload_bytes: int | None = None
+    ) -> FanoutResult:
         """Read up to ``limit`` new outbox rows, plan them, and write events, deliveries and
-        quarantine rows and mark the outbox rows done, atomically."""
+        quarantine rows and mark the outbox rows done, atomically. A payload over
+        ``max_payload_bytes`` is not read: the planner gets an OversizedPayload instead."""
         ...
 
     async def oldest_unprocessed(self) -> str | None: ...
@@ -110,8 +113,12 @@ class Store:
     async def outbox_changed(self) -> bool:
         return await self.backend.outbox_changed()
 
-    async def fan_out(self, planner: Planner, limit: int, now: float) -> FanoutResult:
-        result = await self.backend.fan_out(planner, limit, now)
+    async def fan_out(
+        self, planner: Planner, limit: int, now: float, *, max_payload_bytes: int | None = None
+    ) -> FanoutResult:
+        result = await self.backend.fan_out(
+            planner, limit, now, max_payload_bytes=max_payload_bytes
+        )
         if self.metrics is not None and result.events:
             self.metrics.events_dispatched.inc(result.events)
         for q in result.quarantined:

@@ -34,6 +34,7 @@ from webhookd.models import (
     DeliveryState,
     FanoutResult,
     OutboxRow,
+    OversizedPayload,
     PlannedEvent,
     QuarantineRecord,
 )
@@ -290,14 +291,16 @@ class MemoryBackend:
         rows = sorted((r for r in db.outbox.values() if r.id > db.cursor), key=lambda r: r.id)
         return _limited(rows, limit)
 
-    async def fan_out(self, planner: Planner, limit: int, now: float) -> FanoutResult:
+    async def fan_out(
+        self, planner: Planner, limit: int, now: float, *, max_payload_bytes: int | None = None
+    ) -> FanoutResult:
         db = self._db("read outbox")
         cursor = db.cursor
         rows = [
             OutboxRow(
                 r.id,
                 decode_outbox_value(r.event_type),
-                decode_outbox_value(r.payload),
+                _payload(r.payload, max_payload_bytes),
                 decode_outbox_value(r.event_id),
                 decode_outbox_value(r.tenant),
                 decode_outbox_value(r.occurred_at),
@@ -553,6 +556,15 @@ def _insert_events(db: MemoryDatabase, planned: Iterable[PlannedEvent], now: flo
                 updated_at=now,
             )
     return count
+
+
+def _payload(value: OutboxValue, max_bytes: int | None) -> object:
+    """As SQLite reads it: a payload over the limit is replaced by its size."""
+    if max_bytes is not None and isinstance(value, str | bytes):
+        size = len(value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value)
+        if size > max_bytes:
+            return OversizedPayload(size)
+    return decode_outbox_value(value)
 
 
 def _limited(items: list[T], limit: int) -> list[T]:

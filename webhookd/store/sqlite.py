@@ -37,6 +37,7 @@ from webhookd.models import (
     DeliveryRecord,
     FanoutResult,
     OutboxRow,
+    OversizedPayload,
     QuarantineRecord,
 )
 from webhookd.store.base import (
@@ -253,12 +254,30 @@ class SQLiteBackend:
             raise StorageError("webhookd_state has no outbox cursor: run `webhookd migrate`")
         return int(rows[0][0])
 
-    async def fan_out(self, planner: Planner, limit: int, now: float) -> FanoutResult:
+    async def fan_out(
+        self, planner: Planner, limit: int, now: float, *, max_payload_bytes: int | None = None
+    ) -> FanoutResult:
         cursor = await self._cursor()
-        raw = await self._read("read outbox", _Q["read_outbox"], {"after": cursor, "limit": limit})
+        raw = await self._read(
+            "read outbox",
+            _Q["read_outbox"],
+            {"after": cursor, "limit": limit, "max_payload": max_payload_bytes},
+        )
         if not raw:
             return FanoutResult()
-        rows = [OutboxRow(int(r[0]), *(decode_outbox_value(v) for v in r[1:])) for r in raw]
+        rows = [
+            OutboxRow(
+                int(r[0]),
+                decode_outbox_value(r[1]),
+                OversizedPayload(r[6])
+                if r[2] is None and r[6] is not None
+                else decode_outbox_value(r[2]),
+                decode_outbox_value(r[3]),
+                decode_outbox_value(r[4]),
+                decode_outbox_value(r[5]),
+            )
+            for r in raw
+        ]
         plan = planner(rows)
         new_cursor = rows[-1].id
 

@@ -11,8 +11,12 @@ SELECT value FROM webhookd_state WHERE key = 'endpoints_version';
 
 -- name: read_outbox
 -- As bytes, so that text that is not valid UTF-8 is quarantined instead of failing the read.
-SELECT id, CAST(event_type AS BLOB), CAST(payload AS BLOB), CAST(event_id AS BLOB),
-       CAST(tenant AS BLOB), CAST(occurred_at AS BLOB)
+-- A payload over :max_payload bytes is not read at all (NULL), only its size.
+SELECT id, CAST(event_type AS BLOB),
+       CASE WHEN :max_payload IS NULL OR length(CAST(payload AS BLOB)) <= :max_payload
+            THEN CAST(payload AS BLOB) END,
+       CAST(event_id AS BLOB), CAST(tenant AS BLOB), CAST(occurred_at AS BLOB),
+       length(CAST(payload AS BLOB))
 FROM webhook_outbox WHERE id > :after ORDER BY id LIMIT :limit;
 
 -- name: oldest_unprocessed
