@@ -37,6 +37,8 @@ _MAX_ARRAY_INDEX = 2**32 - 2  # JS orders keys "0".."4294967294" first, ascendin
 
 # Integer literals of up to 15 digits are always safe (MAX_SAFE_INTEGER has 16 digits).
 _SAFE_INTEGER_DIGITS = 15
+# JavaScript writes integers below 1e21 in full; anything longer it writes with an exponent.
+_MAX_INTEGER_LITERAL_DIGITS = 22
 _DIGITS = frozenset("0123456789")
 _SURROGATE_RE = re.compile("[\\ud800-\\udfff]")
 _JSON_STRING_RE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -66,9 +68,20 @@ def format_number(x: int | float) -> str:
 
 
 def _format_int(n: int) -> str:
-    if -MAX_SAFE_INTEGER <= n <= MAX_SAFE_INTEGER:
-        return int.__repr__(n)
-    raise _unsafe_integer(int.__repr__(n))
+    text = int.__repr__(n)
+    if -MAX_SAFE_INTEGER <= n <= MAX_SAFE_INTEGER or _javascript_keeps(text):
+        return text
+    raise _unsafe_integer(text)
+
+
+def _javascript_keeps(literal: str) -> bool:
+    """Whether JavaScript reads this integer literal and writes it back unchanged. Beyond the
+    safe range only some are: 2**53 is, 2**53 + 1 is not (it becomes 2**53), nor is 2**60
+    (it is a double, but JavaScript writes it 1152921504606847000)."""
+    try:
+        return _format_float(float(literal)) == literal
+    except (OverflowError, CanonicalJSONError):
+        return False
 
 
 def _format_float(x: float) -> str:
@@ -114,14 +127,10 @@ def _unsafe_integer(literal: str) -> CanonicalJSONError:
         becomes = _format_float(float(literal))
     except (OverflowError, ValueError, CanonicalJSONError):
         becomes = "Infinity"
-    if becomes == literal:  # exactly a double, e.g. 2**53, but so is the rounding of its neighbours
-        effect = "would round it and its neighbours to the same number"
-    else:
-        effect = f"would round it to {becomes}"
     return CanonicalJSONError(
         "unsafe_integer",
-        f"integer {shown} is beyond JavaScript's safe range ±{MAX_SAFE_INTEGER}; JavaScript "
-        f"{effect}. Send it as a string instead",
+        f"integer {shown} is beyond JavaScript's safe range ±{MAX_SAFE_INTEGER} and JavaScript "
+        f"would change it to {becomes}. Send it as a string instead",
     )
 
 
@@ -311,10 +320,11 @@ def _parse_int(literal: str) -> int:
         return int(literal)
     # Only integer literals are checked: a float literal such as 1e25 means the double JS
     # stores, but 9007199254740993 would silently become 9007199254740992.
-    if len(literal) <= 17:
-        value = int(literal)
-        if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER:
-            return value
+    value = int(literal) if len(literal) <= _MAX_INTEGER_LITERAL_DIGITS else None
+    if value is not None and (
+        -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER or _javascript_keeps(int.__repr__(value))
+    ):
+        return value
     raise _unsafe_integer(literal)
 
 
