@@ -10,8 +10,10 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -22,6 +24,7 @@ from webhookd.errors import ConfigError, NotFoundError, PayloadError, WebhookdEr
 from webhookd.models import DeliveryFilter, DeliveryRecord
 from webhookd.retry import RetryPolicy, schedule
 from webhookd.settings import CONFIG_ENV_VAR, Settings, load_settings
+from webhookd.signing import active_secrets, generate_secret
 from webhookd.store import open_store
 from webhookd.store.base import Store
 
@@ -244,6 +247,62 @@ def cmd_endpoints_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DEFAULT_ROTATION_GRACE = "24h"
+MAX_ROTATION_GRACE_SECONDS = 7 * 86400
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90``, ``90s``, ``30m``, ``24h``, ``7d`` → seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; use e.g. 90s, 30m, 24h or 7d"
+        )
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+def cmd_endpoints_rotate_secret(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    grace = args.grace
+    if not 0 < grace <= MAX_ROTATION_GRACE_SECONDS:
+        raise PayloadError("bad_grace", "--grace must be more than 0 and at most 7d")
+    if any(ep.id == args.endpoint_id for ep in settings.endpoints):
+        raise WebhookdError(
+            f"endpoint {args.endpoint_id!r} is defined in the config file: rotate its secret "
+            "there (README, 'Rotating a signing secret')"
+        )
+    new_secret = generate_secret()
+    expires_at = _iso(time.time() + grace)
+    assert expires_at is not None
+
+    async def go(store: Store) -> tuple[bool, bool]:
+        rows = {str(r["id"]): r for r in await store.table_endpoints()}
+        row = rows.get(args.endpoint_id)
+        if row is None:
+            return False, False
+        replaced = endpoints_mod.from_table_row(row, settings)
+        still_in_grace = len(active_secrets(replaced, time.time())) > 1
+        return await store.rotate_secret(args.endpoint_id, new_secret, expires_at), still_in_grace
+
+    rotated, dropped_older = run_async(_with_store(settings, go))
+    if not rotated:
+        raise NotFoundError(f"no endpoint {args.endpoint_id!r} in the webhook_endpoints table")
+    print(new_secret)
+    if dropped_older:
+        print(
+            "warning: the endpoint was still in an earlier rotation's grace period; the secret "
+            "before the last one no longer signs",
+            file=sys.stderr,
+        )
+    print(
+        f"rotated: the new secret above is shown only this once. Until {expires_at} requests "
+        "are signed with both the new and the previous secret; give the new one to the receiver.",
+        file=sys.stderr,
+    )
+    return EXIT_OK
+
+
 def _delivery_dict(d: DeliveryRecord) -> dict[str, Any]:
     out = dataclasses.asdict(d)
     for key in ("created_at", "updated_at", "next_attempt_at"):
@@ -398,6 +457,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = esub.add_parser("list", help="endpoints from the config file and the table",
                         parents=[common, listing])  # fmt: skip
     p.set_defaults(func=cmd_endpoints_list)
+    p = esub.add_parser(
+        "rotate-secret",
+        help="give a table endpoint a new signing secret (printed once)",
+        description="Generate a new whsec_ secret for a webhook_endpoints row. The old secret "
+        "keeps signing (in a second signature) until the grace period ends.",
+        parents=[common],
+    )
+    p.set_defaults(func=cmd_endpoints_rotate_secret)
+    p.add_argument("endpoint_id", metavar="ID")
+    p.add_argument(
+        "--grace",
+        type=parse_duration,
+        default=parse_duration(DEFAULT_ROTATION_GRACE),
+        help="how long the previous secret keeps signing (default 24h, at most 7d)",
+    )
 
     deliveries = sub.add_parser("deliveries", help="inspect deliveries", parents=[common])
     dsub = deliveries.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -412,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = dsub.add_parser("show", help="one delivery with every attempt", parents=[common, listing])
     p.set_defaults(func=cmd_deliveries_show)
     p.add_argument("delivery_id", metavar="DELIVERY_ID")
+
+    from webhookd.verify_cli import add_verify_parser
+
+    add_verify_parser(sub, [common])
 
     quarantine = sub.add_parser("quarantine", help="outbox rows refused", parents=[common])
     qsub = quarantine.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")

@@ -13,7 +13,7 @@ import aiohttp
 
 from webhookd.models import AttemptResult, Delivery, Endpoint
 from webhookd.settings import DeliverySettings
-from webhookd.signing import request_headers
+from webhookd.signing import active_secrets, request_headers
 
 _READ_CHUNK_BYTES = 16 * 1024
 
@@ -62,7 +62,8 @@ class Sender:
         t0 = time.perf_counter()
         headers = request_headers(
             header_prefix=self._settings.header_prefix,
-            secret=endpoint.secret,
+            secrets=active_secrets(endpoint, started),
+            schemes=endpoint.schemes,
             body=delivery.body,
             event_type=delivery.event_type,
             delivery_id=delivery.delivery_id,

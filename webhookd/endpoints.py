@@ -8,9 +8,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from urllib.parse import urlsplit
 
+from webhookd.errors import PayloadError
+from webhookd.events import normalize_timestamp, timestamp_to_unix
 from webhookd.models import Endpoint
 from webhookd.routing import parse_patterns, pattern_problem
 from webhookd.settings import ENDPOINT_ID_PATTERN, HEADER_NAME_PATTERN, Settings
+from webhookd.signing import SCHEMES, standard_key
 
 MAX_URL_LENGTH = 2048
 _ID_RE = re.compile(ENDPOINT_ID_PATTERN)
@@ -95,6 +98,13 @@ def from_settings(settings: Settings) -> list[Endpoint]:
                 description=ep.description,
                 source="config",
                 problem="; ".join(problems) or None,
+                schemes=tuple(ep.signature_schemes),
+                previous_secret=ep.previous_secret_value(),
+                previous_secret_expires_at=(
+                    ep.previous_secret_expires_at.timestamp()
+                    if ep.previous_secret_expires_at
+                    else None
+                ),
             )
         )
     return out
@@ -136,6 +146,8 @@ def from_table_row(row: Mapping[str, object], settings: Settings) -> Endpoint:
     if raw_headers:
         headers, header_problems = _parse_headers(raw_headers, settings.delivery.header_prefix)
         problems += header_problems
+    schemes, previous, expires_at, signing_problems = _table_signing(row, secret)
+    problems += signing_problems
     tenant = row.get("tenant")
     return Endpoint(
         id=ep_id,
@@ -149,7 +161,44 @@ def from_table_row(row: Mapping[str, object], settings: Settings) -> Endpoint:
         description=str(row.get("description") or ""),
         source="table",
         problem="; ".join(problems) or None,
+        schemes=schemes,
+        previous_secret=previous,
+        previous_secret_expires_at=expires_at,
     )
+
+
+def _table_signing(
+    row: Mapping[str, object], secret: str
+) -> tuple[tuple[str, ...], str | None, float | None, list[str]]:
+    """Schemes, previous secret and its expiry from a table row, and what is wrong with them."""
+    problems = []
+    raw = row.get("signature_schemes")
+    try:
+        # Same notation as ``events``: a JSON array, or names separated by commas/whitespace.
+        schemes = tuple(parse_patterns(raw if raw not in (None, "") else "seed"))
+    except ValueError:
+        schemes = ()
+    unknown = [s for s in schemes if s not in SCHEMES]
+    if unknown or not schemes:
+        problems.append(f"signature_schemes must list 'seed' and/or 'standard', got {raw!r}")
+        schemes = tuple(s for s in schemes if s in SCHEMES) or ("seed",)
+    previous = row.get("previous_secret")
+    previous = previous if isinstance(previous, str) and previous.strip() else None
+    expires_at: float | None = None
+    raw_expiry = row.get("previous_secret_expires_at")
+    if previous is not None and raw_expiry not in (None, ""):
+        try:
+            expires_at = timestamp_to_unix(normalize_timestamp(raw_expiry))
+        except (PayloadError, ValueError):
+            problems.append(f"previous_secret_expires_at {raw_expiry!r} is not an ISO-8601 time")
+    if "standard" in schemes:
+        for name, value in (("secret", secret), ("previous_secret", previous)):
+            if value:
+                try:
+                    standard_key(value)
+                except ValueError as exc:
+                    problems.append(f"{name}: {exc}")
+    return schemes, previous, expires_at, problems
 
 
 def _parse_headers(raw: object, prefix: str) -> tuple[tuple[tuple[str, str], ...], list[str]]:

@@ -36,6 +36,9 @@ class Endpoint:
     description: str = ""
     source: str = "config"  # "config" (static) or "table" (webhook_endpoints)
     problem: str | None = None  # why a table endpoint could not be used, if it cannot
+    schemes: tuple[str, ...] = ("seed",)  # signature schemes: "seed", "standard"
+    previous_secret: str | None = field(default=None, repr=False)  # signs until it expires
+    previous_secret_expires_at: float | None = None  # Unix time
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from webhookd.errors import ConfigError
@@ -168,6 +176,16 @@ class EndpointSettings(_Section):
     enabled: bool = True
     description: str = ""
     headers: dict[str, str] = Field(default_factory=dict)
+    signature_schemes: tuple[Literal["seed", "standard"], ...] = Field(
+        default=("seed",),
+        min_length=1,
+        description="Signature headers to send: the seed's, Standard Webhooks', or both.",
+    )
+    previous_secret: SecretStr | None = Field(
+        default=None, description="A rotated-out secret that still signs until it expires."
+    )
+    previous_secret_file: Path | None = None
+    previous_secret_expires_at: AwareDatetime | None = None
 
     @field_validator("url")
     @classmethod
@@ -186,7 +204,14 @@ class EndpointSettings(_Section):
             raise ValueError("secret must not be empty")
         return value
 
-    @field_validator("secret_file")
+    @field_validator("signature_schemes")
+    @classmethod
+    def _check_schemes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("signature_schemes lists a scheme twice")
+        return value
+
+    @field_validator("secret_file", "previous_secret_file")
     @classmethod
     def _check_secret_file(cls, value: Path | None) -> Path | None:
         if value is not None:
@@ -219,6 +244,13 @@ class EndpointSettings(_Section):
             return self.secret.get_secret_value()
         assert self.secret_file is not None  # enforced by check_settings
         return read_secret_file(self.secret_file)
+
+    def previous_secret_value(self) -> str | None:
+        if self.previous_secret is not None:
+            return self.previous_secret.get_secret_value()
+        if self.previous_secret_file is not None:
+            return read_secret_file(self.previous_secret_file)
+        return None
 
 
 def read_secret_file(path: Path) -> str:
@@ -322,8 +354,9 @@ def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> None:
     endpoints = data.get("endpoints")
     if isinstance(endpoints, list):
         for item in endpoints:
-            if isinstance(item, dict) and isinstance(item.get("secret_file"), str):
-                item["secret_file"] = str(base_dir / Path(item["secret_file"]).expanduser())
+            for key in ("secret_file", "previous_secret_file"):
+                if isinstance(item, dict) and isinstance(item.get(key), str):
+                    item[key] = str(base_dir / Path(item[key]).expanduser())
 
 
 # Values of these keys are never echoed in errors: secrets, and URLs (they may hold credentials).
@@ -390,6 +423,7 @@ def cross_key_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
             seen.add(ep_id)
         if (ep.get("secret") is None) == (ep.get("secret_file") is None):
             problems.append((where, "set exactly one of 'secret' or 'secret_file'"))
+        problems += [(where, p) for p in _secret_problems(ep)]
         url = ep.get("url")
         if isinstance(url, str):
             problem = url_problem(url, allow_http=allow_http)
@@ -401,4 +435,38 @@ def cross_key_problems(data: Mapping[str, Any]) -> list[tuple[str, str]]:
                 problem = reserved_header_problem(str(name), prefix)
                 if problem:
                     problems.append((f"{where}.headers", problem))
+    return problems
+
+
+def _secret_problems(ep: Mapping[str, Any]) -> list[str]:
+    """Rotation keys go together, and the standard scheme needs whsec_ secrets."""
+    from webhookd.signing import standard_key
+
+    problems = []
+    has_previous = (
+        ep.get("previous_secret") is not None or ep.get("previous_secret_file") is not None
+    )
+    if ep.get("previous_secret") is not None and ep.get("previous_secret_file") is not None:
+        problems.append("set at most one of 'previous_secret' or 'previous_secret_file'")
+    if has_previous != (ep.get("previous_secret_expires_at") is not None):
+        problems.append(
+            "'previous_secret' (or 'previous_secret_file') and 'previous_secret_expires_at' "
+            "go together"
+        )
+    schemes = ep.get("signature_schemes")
+    if isinstance(schemes, list | tuple) and "standard" in schemes:
+        for key in ("secret", "secret_file", "previous_secret", "previous_secret_file"):
+            value = ep.get(key)
+            if value is None:
+                continue
+            try:
+                if isinstance(value, SecretStr):
+                    text = value.get_secret_value()
+                elif key.endswith("_file"):
+                    text = read_secret_file(Path(value))
+                else:
+                    text = str(value)
+                standard_key(text)
+            except ValueError as exc:
+                problems.append(f"{key}: {exc}")
     return problems

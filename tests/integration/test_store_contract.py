@@ -655,6 +655,23 @@ async def test_list_quarantine_newest_first_with_limit(harness: Harness) -> None
 # -- endpoints -------------------------------------------------------------------------------
 
 
+async def test_rotate_secret_keeps_the_old_secret_until_it_expires(harness: Harness) -> None:
+    app, store = harness.app, harness.store
+    app.upsert_endpoint({"id": "shop", "url": "https://shop.example/h", "secret": "old"})
+    v1 = await store.endpoints_version()
+
+    assert await store.rotate_secret("shop", "new", "2030-01-01T00:00:00Z")
+    assert not await store.rotate_secret("nope", "x", "2030-01-01T00:00:00Z")
+
+    [row] = await store.table_endpoints()
+    assert (row["secret"], row["previous_secret"], row["previous_secret_expires_at"]) == (
+        "new",
+        "old",
+        "2030-01-01T00:00:00Z",
+    )
+    assert await store.endpoints_version() > v1  # the daemon picks the new secret up
+
+
 async def test_endpoints_version_moves_on_insert_update_and_delete(harness: Harness) -> None:
     app, store = harness.app, harness.store
     v0 = await store.endpoints_version()
@@ -674,6 +691,9 @@ async def test_endpoints_version_moves_on_insert_update_and_delete(harness: Harn
             "max_concurrency": None,
             "headers": None,
             "description": "",
+            "signature_schemes": "seed",
+            "previous_secret": None,
+            "previous_secret_expires_at": None,
         }
     ]
     assert await store.endpoints_version() == v1  # reading changes nothing
@@ -708,6 +728,9 @@ async def test_endpoints_version_moves_on_insert_update_and_delete(harness: Harn
         "max_concurrency": 3,
         "headers": '{"X-Team":"ops"}',
         "description": "the shop",
+        "signature_schemes": "seed",
+        "previous_secret": None,
+        "previous_secret_expires_at": None,
     }
 
     app.delete_endpoint("shop")

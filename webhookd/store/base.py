@@ -61,6 +61,10 @@ class StoreBackend(Protocol):
     async def oldest_unprocessed(self) -> str | None: ...
     async def endpoints_version(self) -> int: ...
     async def table_endpoints(self) -> list[Mapping[str, object]]: ...
+    async def rotate_secret(self, endpoint_id: str, secret: str, expires_at: str) -> bool:
+        """Make ``secret`` the table endpoint's secret; the old one signs until ``expires_at``
+        (UTC ISO-8601). False when there is no such table endpoint."""
+        ...
 
     async def claim_due(self, endpoint_id: str, now: float, limit: int) -> list[Delivery]:
         """Up to ``limit`` due pending deliveries of the endpoint, leased to this daemon."""
@@ -143,6 +147,18 @@ class Store:
 
     async def table_endpoints(self) -> list[Mapping[str, object]]:
         return await self.backend.table_endpoints()
+
+    async def rotate_secret(self, endpoint_id: str, secret: str, expires_at: str) -> bool:
+        rotated = await self.backend.rotate_secret(endpoint_id, secret, expires_at)
+        if rotated:
+            log_event(
+                logger,
+                logging.INFO,
+                "secret_rotated",
+                endpoint=endpoint_id,
+                previous_until=expires_at,
+            )
+        return rotated
 
     async def claim_due(self, endpoint_id: str, now: float, limit: int) -> list[Delivery]:
         return await self.backend.claim_due(endpoint_id, now, limit)

@@ -56,6 +56,9 @@ ENDPOINT_COLUMNS = (
     "max_concurrency",
     "headers",
     "description",
+    "signature_schemes",
+    "previous_secret",
+    "previous_secret_expires_at",
 )
 ENDPOINT_DEFAULTS: Mapping[str, object] = {
     "events": "*",
@@ -64,6 +67,9 @@ ENDPOINT_DEFAULTS: Mapping[str, object] = {
     "max_concurrency": None,
     "headers": None,
     "description": "",
+    "signature_schemes": "seed",
+    "previous_secret": None,
+    "previous_secret_expires_at": None,
 }
 _ENDPOINT_REQUIRED = ("id", "url", "secret")
 _INTEGER_COLUMNS = frozenset({"enabled", "max_concurrency"})
@@ -348,6 +354,17 @@ class MemoryBackend:
     async def table_endpoints(self) -> list[Mapping[str, object]]:
         db = self._db("read endpoints")
         return [dict(db.endpoints[key]) for key in sorted(db.endpoints)]
+
+    async def rotate_secret(self, endpoint_id: str, secret: str, expires_at: str) -> bool:
+        db = self._db("rotate secret")
+        row = db.endpoints.get(endpoint_id)
+        if row is None:
+            return False
+        row["previous_secret"], row["secret"] = row["secret"], secret
+        row["previous_secret_expires_at"] = expires_at
+        db.endpoints_version += 1  # the update trigger
+        db.commit()
+        return True
 
     # -- deliveries --------------------------------------------------------------------------
 

@@ -356,8 +356,18 @@ class SQLiteBackend:
     async def table_endpoints(self) -> list[Mapping[str, object]]:
         rows = await self._read("read endpoints", _Q["table_endpoints"])
         keys = ("id", "url", "secret", "events", "tenant", "enabled", "max_concurrency",
-                "headers", "description")  # fmt: skip
+                "headers", "description", "signature_schemes", "previous_secret",
+                "previous_secret_expires_at")  # fmt: skip
         return [dict(zip(keys, row, strict=True)) for row in rows]
+
+    async def rotate_secret(self, endpoint_id: str, secret: str, expires_at: str) -> bool:
+        async def write(conn: aiosqlite.Connection) -> bool:
+            cursor = await conn.execute(
+                _Q["rotate_secret"], {"id": endpoint_id, "secret": secret, "expires_at": expires_at}
+            )
+            return bool(cursor.rowcount)
+
+        return await self._transaction("rotate secret", write)
 
     # -- deliveries --------------------------------------------------------------------------
 

@@ -72,8 +72,15 @@ WHERE id = ? AND state = 'pending';
 SELECT endpoint_id, COUNT(*) FROM webhookd_deliveries WHERE state = 'pending' GROUP BY endpoint_id;
 
 -- name: table_endpoints
-SELECT id, url, secret, events, tenant, enabled, max_concurrency, headers, description
+SELECT id, url, secret, events, tenant, enabled, max_concurrency, headers, description,
+       signature_schemes, previous_secret, previous_secret_expires_at
 FROM webhook_endpoints ORDER BY id;
+
+-- name: rotate_secret
+UPDATE webhook_endpoints
+SET previous_secret = secret, secret = :secret, previous_secret_expires_at = :expires_at,
+    updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+WHERE id = :id;
 
 -- name: list_deliveries
 SELECT d.delivery_id, d.endpoint_id, e.event_id, e.event_type, e.tenant, d.state, d.attempts,

@@ -22,6 +22,11 @@ CREATE TABLE IF NOT EXISTS webhook_endpoints (
     max_concurrency INTEGER,
     headers         TEXT,
     description     TEXT NOT NULL DEFAULT '',
+    -- 'seed', 'standard' or both ('seed,standard'): which signature headers are sent.
+    signature_schemes TEXT NOT NULL DEFAULT 'seed',
+    -- Set by `webhookd endpoints rotate-secret`: the old secret still signs until it expires.
+    previous_secret            TEXT,
+    previous_secret_expires_at TEXT,
     created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     updated_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
@@ -48,9 +53,10 @@ BEGIN
 END;
 
 -- One row per fanned-out event, with the exact body every delivery of it sends.
+-- outbox_id is NULL for test events sent by `webhookd send-test`.
 CREATE TABLE IF NOT EXISTS webhookd_events (
     id          INTEGER PRIMARY KEY,
-    outbox_id   INTEGER NOT NULL UNIQUE,
+    outbox_id   INTEGER UNIQUE,
     event_id    TEXT NOT NULL UNIQUE,
     event_type  TEXT NOT NULL,
     tenant      TEXT,
