@@ -111,6 +111,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"  http:      {settings.http.listen or '(disabled)'}")
     print(f"  endpoints: {len(static)} in the config file (the webhook_endpoints table adds more)")
     print(f"  retries:   {settings.retry.max_attempts} attempts, waits {delays}")
+    unknown = "allowed" if settings.events.allow_unknown_types else "quarantined"
+    print(
+        f"  events:    data not matching the catalogue: {settings.events.schema_mismatch}; "
+        f"types outside it: {unknown}"
+    )
     return EXIT_OK
 
 
@@ -487,9 +492,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deliveries_show)
     p.add_argument("delivery_id", metavar="DELIVERY_ID")
 
+    from webhookd.events_cli import add_events_parser
     from webhookd.verify_cli import add_verify_parser
 
     add_verify_parser(sub, [common])
+    add_events_parser(sub, [common], listing)
 
     quarantine = sub.add_parser("quarantine", help="outbox rows refused", parents=[common])
     qsub = quarantine.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -519,6 +526,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `webhookd ... | head`: the reader left; say nothing more (as other Unix tools do).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
     return code
 
 

@@ -13,13 +13,15 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from webhookd import endpoints as endpoints_mod
+from webhookd.catalogue import DEFAULT_POLICY, CataloguePolicy
 from webhookd.delivery import HttpResult, Sender
 from webhookd.errors import StorageError
-from webhookd.events import event_from_row, timestamp_to_unix
+from webhookd.events import classify_row, timestamp_to_unix
 from webhookd.ids import new_id
 from webhookd.log import log_event
 from webhookd.metrics import Metrics
@@ -31,6 +33,7 @@ from webhookd.models import (
     Endpoint,
     Event,
     FanoutPlan,
+    FanoutResult,
     NewDelivery,
     OutboxRow,
     PlannedEvent,
@@ -75,21 +78,52 @@ def decide(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SchemaWarning:
+    """An event delivered although its data does not match the catalogue (policy "warn")."""
+
+    outbox_id: int
+    event_id: str
+    event_type: str
+    problem: str
+
+
+@dataclass(frozen=True, slots=True)
+class CheckedFanoutPlan(FanoutPlan):
+    """A fan-out plan with the catalogue warnings the dispatcher logs once it is committed."""
+
+    schema_warnings: tuple[SchemaWarning, ...] = ()
+
+
 def plan_fanout(
-    rows: Sequence[OutboxRow], endpoints: Sequence[Endpoint], *, max_payload_bytes: int, now: float
-) -> FanoutPlan:
-    """Validate each row and route each valid event. Pure (apart from fresh random ids)."""
+    rows: Sequence[OutboxRow],
+    endpoints: Sequence[Endpoint],
+    *,
+    max_payload_bytes: int,
+    now: float,
+    policy: CataloguePolicy = DEFAULT_POLICY,
+) -> CheckedFanoutPlan:
+    """Validate each row (against the event catalogue as ``policy`` says) and route each valid
+    event. Pure (apart from fresh random ids)."""
     planned = []
     quarantined = []
+    warnings = []
     for row in rows:
-        item = event_from_row(row, max_payload_bytes=max_payload_bytes, now=now)
+        outcome = classify_row(row, max_payload_bytes=max_payload_bytes, now=now, policy=policy)
+        item = outcome.item
         if isinstance(item, Event):
             targets = route(item.event_type, item.tenant, endpoints)
             deliveries = tuple(NewDelivery(new_id("dlv", now), ep.id) for ep in targets)
             planned.append(PlannedEvent(item, deliveries))
+            if outcome.schema_problem is not None:
+                warnings.append(
+                    SchemaWarning(
+                        item.outbox_id, item.event_id, item.event_type, outcome.schema_problem
+                    )
+                )
         else:
             quarantined.append(item)
-    return FanoutPlan(tuple(planned), tuple(quarantined))
+    return CheckedFanoutPlan(tuple(planned), tuple(quarantined), tuple(warnings))
 
 
 def _iso(ts: float) -> str:
@@ -182,6 +216,8 @@ class Dispatcher:
         self.clock = clock
         self.rand = rand
         self.policy = RetryPolicy.from_settings(settings.retry)
+        self.catalogue_policy = settings.events.policy()
+        self._schema_warnings: tuple[SchemaWarning, ...] = ()  # of the plan being committed
         self.recorder = Recorder(store)
         self.endpoints: dict[str, Endpoint] = {}
         self.workers: dict[str, EndpointWorker] = {}
@@ -322,12 +358,35 @@ class Dispatcher:
     # -- fan-out -----------------------------------------------------------------------------
 
     def _plan(self, rows: Sequence[OutboxRow]) -> FanoutPlan:
-        return plan_fanout(
+        plan = plan_fanout(
             rows,
             list(self.endpoints.values()),
             max_payload_bytes=self.settings.outbox.max_payload_bytes,
             now=self.clock(),
+            policy=self.catalogue_policy,
         )
+        self._schema_warnings = plan.schema_warnings
+        return plan
+
+    def _report_schema_warnings(self, result: FanoutResult) -> None:
+        """Log and count the committed plan's catalogue warnings (once: a plan whose commit
+        failed is planned again). Rows refused at commit (duplicate event ids) are skipped."""
+        warnings, self._schema_warnings = self._schema_warnings, ()
+        refused = {q.outbox_id for q in result.quarantined}
+        for w in warnings:
+            if w.outbox_id in refused:
+                continue
+            # Only catalogued types can mismatch, so the label's values are bounded.
+            self.metrics.events_schema_mismatch.labels(event_type=w.event_type).inc()
+            log_event(
+                logger,
+                logging.WARNING,
+                "event_schema_mismatch",
+                event_type=w.event_type,
+                outbox_id=w.outbox_id,
+                event_id=w.event_id,
+                problem=w.problem,
+            )
 
     async def _fanout_loop(self) -> None:
         batch_size = self.settings.outbox.batch_size
@@ -338,12 +397,14 @@ class Dispatcher:
             try:
                 if await self.store.outbox_changed() or more:
                     await self.reload_endpoints()
+                    self._schema_warnings = ()
                     result = await self.store.fan_out(
                         self._plan,
                         batch_size,
                         self.clock(),
                         max_payload_bytes=self.settings.outbox.max_payload_bytes,
                     )
+                    self._report_schema_warnings(result)
                     more = result.rows >= batch_size
                     for ep_id in result.endpoints:
                         worker = self.workers.get(ep_id)

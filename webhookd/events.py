@@ -2,14 +2,18 @@
 
 The body is the seed's envelope ``{"event":…,"timestamp":…,"data":…}`` in JavaScript-canonical
 form, built once here and stored, so every endpoint and every attempt sends the same bytes.
+The data is parsed once, and checked against the event catalogue as the ``[events]`` policy says.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 from webhookd import canonical_json
+from webhookd.catalogue import CATALOGUE, DEFAULT_POLICY, CataloguePolicy, check_data
 from webhookd.errors import PayloadError
 from webhookd.ids import new_id
 from webhookd.models import Event, OutboxRow, OversizedPayload, Quarantined
@@ -33,8 +37,15 @@ def build_body(event_type: str, timestamp: str, data_json: str) -> bytes:
     ).encode("utf-8")
 
 
-def canonical_payload(payload: object, *, max_bytes: int) -> str:
-    """The canonical text of an object payload given as JSON text (or bytes).
+class ParsedPayload(NamedTuple):
+    """An outbox payload parsed once: the object, and its JavaScript-canonical text."""
+
+    data: dict[str, Any]
+    text: str
+
+
+def parse_payload(payload: object, *, max_bytes: int) -> ParsedPayload:
+    """Parse an object payload given as JSON text (or bytes) into its value and canonical text.
 
     Raises :class:`PayloadError` with a stable reason code when it cannot be sent unaltered.
     """
@@ -54,7 +65,12 @@ def canonical_payload(payload: object, *, max_bytes: int) -> str:
         raise PayloadError(
             "not_object", f"payload must be a JSON object, got a JSON {_json_kind(value)}"
         )
-    return canonical_json.dumps(value)
+    return ParsedPayload(value, canonical_json.dumps(value))
+
+
+def canonical_payload(payload: object, *, max_bytes: int) -> str:
+    """The canonical text of an object payload (see :func:`parse_payload`)."""
+    return parse_payload(payload, max_bytes=max_bytes).text
 
 
 def _too_large(size: int, max_bytes: int) -> PayloadError:
@@ -113,8 +129,24 @@ def timestamp_to_unix(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
 
 
-def event_from_row(row: OutboxRow, *, max_payload_bytes: int, now: float) -> Event | Quarantined:
-    """Validate one outbox row. Never raises for bad data: returns a Quarantined instead."""
+@dataclass(frozen=True, slots=True)
+class RowOutcome:
+    """What fan-out makes of one outbox row: an event or a quarantine, and, for an event
+    delivered although its data does not match the catalogue (policy "warn"), the problem."""
+
+    item: Event | Quarantined
+    schema_problem: str | None = None
+
+
+def classify_row(
+    row: OutboxRow,
+    *,
+    max_payload_bytes: int,
+    now: float,
+    policy: CataloguePolicy = DEFAULT_POLICY,
+) -> RowOutcome:
+    """Validate one outbox row, and check its data against the event catalogue as ``policy``
+    says. Never raises for bad data: the outcome holds a Quarantined instead."""
     event_type = row.event_type if isinstance(row.event_type, str) else None
     event_id = row.event_id if isinstance(row.event_id, str) else None
     try:
@@ -122,29 +154,66 @@ def event_from_row(row: OutboxRow, *, max_payload_bytes: int, now: float) -> Eve
         if problem:
             raise PayloadError("bad_event_type", problem)
         assert isinstance(row.event_type, str)
-        data_json = canonical_payload(row.payload, max_bytes=max_payload_bytes)
+        payload = parse_payload(row.payload, max_bytes=max_payload_bytes)
         event_id = parse_event_id(row.event_id, now)
         tenant = parse_tenant(row.tenant)
         if row.occurred_at is None or row.occurred_at == "":
             occurred_at = format_timestamp(datetime.fromtimestamp(now, UTC))
         else:
             occurred_at = normalize_timestamp(row.occurred_at)
+        schema_problem = catalogue_problem(row.event_type, payload.data, policy)
     except PayloadError as exc:
-        return Quarantined(
-            outbox_id=row.id,
-            reason=exc.reason,
-            detail=str(exc),
-            event_type=event_type,
-            event_id=event_id,
+        return RowOutcome(
+            Quarantined(
+                outbox_id=row.id,
+                reason=exc.reason,
+                detail=str(exc),
+                event_type=event_type,
+                event_id=event_id,
+            )
         )
-    return Event(
+    event = Event(
         outbox_id=row.id,
         event_id=event_id,
         event_type=row.event_type,
         tenant=tenant,
         occurred_at=occurred_at,
-        body=build_body(row.event_type, occurred_at, data_json),
+        body=build_body(row.event_type, occurred_at, payload.text),
     )
+    return RowOutcome(event, schema_problem)
+
+
+def event_from_row(
+    row: OutboxRow,
+    *,
+    max_payload_bytes: int,
+    now: float,
+    policy: CataloguePolicy = DEFAULT_POLICY,
+) -> Event | Quarantined:
+    """Validate one outbox row (see :func:`classify_row`, which also reports a "warn" problem).
+    Never raises for bad data: returns a Quarantined instead."""
+    return classify_row(row, max_payload_bytes=max_payload_bytes, now=now, policy=policy).item
+
+
+def catalogue_problem(event_type: str, data: dict[str, Any], policy: CataloguePolicy) -> str | None:
+    """The catalogue's verdict on ``data`` under ``policy``: raises :class:`PayloadError` when
+    the row must be quarantined; returns the problem to warn about, or None."""
+    if event_type not in CATALOGUE:
+        if policy.allow_unknown_types:
+            return None
+        raise PayloadError(
+            "unknown_event_type",
+            f"event type {event_type!r} is not in the event catalogue and "
+            "events.allow_unknown_types is false (see `webhookd events list`)",
+        )
+    if policy.schema_mismatch == "deliver":
+        return None
+    problem = check_data(event_type, data)
+    if problem is not None and policy.schema_mismatch == "quarantine":
+        raise PayloadError(
+            "schema_mismatch", f"data does not match the catalogue's {event_type}: {problem}"
+        )
+    return problem
 
 
 def parse_event_id(value: object, now: float) -> str:

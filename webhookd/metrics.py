@@ -45,6 +45,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.events_schema_mismatch = Counter(
+            "webhookd_events_schema_mismatch",
+            "Events delivered although their data does not match the event catalogue "
+            "(events.schema_mismatch = 'warn'); only catalogued types are labels.",
+            ["event_type"],
+            registry=r,
+        )
         self.delivery_attempts = Counter(
             "webhookd_delivery_attempts",
             "HTTP delivery attempts by result.",

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from webhookd.catalogue import CataloguePolicy, SchemaMismatchAction
 from webhookd.errors import ConfigError
 from webhookd.routing import pattern_problem
 
@@ -158,6 +159,25 @@ class DaemonSettings(_Section):
     )
 
 
+class EventsSettings(_Section):
+    """What fan-out does with the event catalogue (``webhookd events list``)."""
+
+    schema_mismatch: SchemaMismatchAction = Field(
+        default="warn",
+        description="A row whose data does not match its catalogue entry: 'deliver' it, "
+        "'warn' (deliver, log event_schema_mismatch and count it) or 'quarantine' it.",
+    )
+    allow_unknown_types: bool = Field(
+        default=True,
+        description="Deliver event types outside the catalogue; false quarantines them.",
+    )
+
+    def policy(self) -> CataloguePolicy:
+        return CataloguePolicy(
+            schema_mismatch=self.schema_mismatch, allow_unknown_types=self.allow_unknown_types
+        )
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "logfmt"] = "json"
@@ -283,6 +303,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     outbox: OutboxSettings = OutboxSettings()
     daemon: DaemonSettings = DaemonSettings()
+    events: EventsSettings = EventsSettings()
     log: LogSettings = LogSettings()
     endpoints: tuple[EndpointSettings, ...] = ()
 

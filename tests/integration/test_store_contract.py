@@ -24,6 +24,7 @@ from webhookd.models import (
     DeliveryFilter,
     DeliveryState,
     Endpoint,
+    Event,
     FanoutPlan,
     NewDelivery,
     OutboxRow,
@@ -801,3 +802,141 @@ async def test_only_one_daemon_owns_a_database(harness: Harness) -> None:
     await harness.store.close()
     harness.opened.remove(harness.store)
     await second.backend.claim_ownership()  # the first one let go when it closed
+
+
+# -- test sends (`webhookd send-test`) --------------------------------------------------------
+
+
+def sent_test_event(event_id: str = "evt_test_1", tenant: str | None = "org_1") -> Event:
+    timestamp = "2024-01-15T10:00:00Z"
+    return Event(
+        outbox_id=0,  # ignored: a test event has no outbox row
+        event_id=event_id,
+        event_type="webhook.test",
+        tenant=tenant,
+        occurred_at=timestamp,
+        body=b'{"event":"webhook.test","timestamp":"2024-01-15T10:00:00Z","data":{}}',
+    )
+
+
+def sent_test_outcome(
+    state: DeliveryState, status: int | None = 200, result: AttemptResult = AttemptResult.SUCCESS
+) -> AttemptOutcome:
+    return AttemptOutcome(
+        delivery_pk=0,  # ignored: the delivery is new
+        attempt_no=1,
+        started_at=NOW,
+        duration_seconds=0.125,
+        result=result,
+        status_code=status,
+        error=None if result is AttemptResult.SUCCESS else f"HTTP {status}",
+        response_excerpt="ok" if status == 200 else "nope",
+        new_state=state,
+        next_attempt_at=None,
+    )
+
+
+async def test_a_test_send_is_recorded_as_a_final_delivery_with_its_attempt(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    event = sent_test_event()
+    await store.record_test_send(
+        event, "a", "dlv_test_ok", sent_test_outcome(DeliveryState.SUCCEEDED)
+    )
+    await store.record_test_send(
+        sent_test_event("evt_test_2", tenant=None),
+        "b",
+        "dlv_test_bad",
+        sent_test_outcome(DeliveryState.FAILED, 401, AttemptResult.HTTP_ERROR),
+    )
+
+    ok = await store.get_delivery("dlv_test_ok")
+    assert ok is not None
+    assert (ok.endpoint_id, ok.event_id, ok.event_type, ok.tenant) == (
+        "a",
+        "evt_test_1",
+        "webhook.test",
+        "org_1",
+    )
+    assert (ok.state, ok.attempts, ok.next_attempt_at, ok.last_status, ok.last_error) == (
+        "succeeded",
+        1,
+        None,
+        200,
+        None,
+    )
+    [attempt] = ok.attempt_log
+    assert (attempt.attempt_no, attempt.started_at, attempt.duration_seconds) == (1, NOW, 0.125)
+    assert (attempt.result, attempt.status_code, attempt.response_excerpt) == (
+        "success",
+        200,
+        "ok",
+    )
+
+    bad = await store.get_delivery("dlv_test_bad")
+    assert bad is not None
+    assert (bad.state, bad.attempts, bad.last_status, bad.last_error) == (
+        "failed",
+        1,
+        401,
+        "HTTP 401",
+    )
+    assert [(a.result, a.status_code) for a in bad.attempt_log] == [("http_error", 401)]
+
+    listed = await store.list_deliveries(DeliveryFilter())
+    assert [d.delivery_id for d in listed] == ["dlv_test_bad", "dlv_test_ok"]  # newest first
+    assert [d.delivery_id for d in await store.list_deliveries(DeliveryFilter(state="failed"))] == [
+        "dlv_test_bad"
+    ]
+    # never retried: nothing pending, nothing due
+    assert await store.pending_counts() == {}
+    assert await store.claim_due("b", NOW + 1e6, 10) == []
+    assert await store.next_due_at("b") is None
+
+
+async def test_test_sends_and_fan_out_share_the_tables(harness: Harness) -> None:
+    store = harness.store
+    await store.record_test_send(
+        sent_test_event(), "a", "dlv_test_1", sent_test_outcome(DeliveryState.SUCCEEDED)
+    )
+    booking(harness.app, 2)
+    result = await store.fan_out(planner([EP_A]), BATCH, NOW)
+    assert (result.events, result.deliveries, result.quarantined) == (2, 2, ())
+    await store.record_test_send(
+        sent_test_event("evt_test_2"), "a", "dlv_test_2", sent_test_outcome(DeliveryState.SUCCEEDED)
+    )
+    assert len(await store.claim_due("a", NOW, 10)) == 2  # only the fanned-out ones
+    listed = await store.list_deliveries(DeliveryFilter(endpoint_id="a"))
+    assert len(listed) == 4
+    assert listed[0].delivery_id == "dlv_test_2"
+    assert listed[-1].delivery_id == "dlv_test_1"
+
+
+async def test_a_test_send_is_all_or_nothing(harness: Harness) -> None:
+    store = harness.store
+    await store.record_test_send(
+        sent_test_event(), "a", "dlv_taken", sent_test_outcome(DeliveryState.FAILED)
+    )
+    # The delivery id is taken: nothing of this second send may stay behind, not even its event.
+    with pytest.raises(StorageError):
+        await store.record_test_send(
+            sent_test_event("evt_test_2"),
+            "a",
+            "dlv_taken",
+            sent_test_outcome(DeliveryState.SUCCEEDED),
+        )
+    await store.record_test_send(
+        sent_test_event("evt_test_2"), "a", "dlv_free", sent_test_outcome(DeliveryState.SUCCEEDED)
+    )
+    taken = await store.get_delivery("dlv_taken")
+    assert taken is not None
+    assert (taken.event_id, taken.state, len(taken.attempt_log)) == ("evt_test_1", "failed", 1)
+    assert len(await store.list_deliveries(DeliveryFilter())) == 2
+
+
+async def test_a_test_send_outcome_must_be_final(harness: Harness) -> None:
+    pending = replace(sent_test_outcome(DeliveryState.PENDING), next_attempt_at=NOW + 60)
+    with pytest.raises(ValueError, match="never retried"):
+        await harness.store.record_test_send(sent_test_event(), "a", "dlv_test_1", pending)
+    assert await harness.store.list_deliveries(DeliveryFilter()) == []

@@ -17,6 +17,7 @@ from webhookd.models import (
     DeliveryFilter,
     DeliveryRecord,
     DeliveryState,
+    Event,
     FanoutPlan,
     FanoutResult,
     OutboxRow,
@@ -77,6 +78,14 @@ class StoreBackend(Protocol):
 
     async def release(self, delivery_pks: Sequence[int]) -> None:
         """End leases without recording an attempt (the delivery stays as it was)."""
+        ...
+
+    async def record_test_send(
+        self, event: Event, endpoint_id: str, delivery_id: str, outcome: AttemptOutcome
+    ) -> None:
+        """Write, atomically, a test event (no outbox row: ``event.outbox_id`` is ignored), its
+        one delivery to ``endpoint_id`` in the final state ``outcome.new_state`` with
+        ``outcome.attempt_no`` attempts, and the attempt (``outcome.delivery_pk`` is ignored)."""
         ...
 
     async def pending_counts(self) -> dict[str, int]: ...
@@ -180,6 +189,26 @@ class Store:
 
     async def release(self, delivery_pks: Sequence[int]) -> None:
         await self.backend.release(delivery_pks)
+
+    async def record_test_send(
+        self, event: Event, endpoint_id: str, delivery_id: str, outcome: AttemptOutcome
+    ) -> None:
+        """Record a ``webhookd send-test`` attempt, so that ``deliveries list/show`` show it.
+
+        The delivery is created final (succeeded or failed): a test is never retried.
+        """
+        if outcome.new_state is DeliveryState.PENDING:
+            raise ValueError("a test send is never retried: its outcome must be final")
+        await self.backend.record_test_send(event, endpoint_id, delivery_id, outcome)
+        log_event(
+            logger,
+            logging.INFO,
+            "test_send_recorded",
+            endpoint=endpoint_id,
+            delivery=delivery_id,
+            event_type=event.event_type,
+            outcome=outcome.new_state.value,
+        )
 
     async def pending_counts(self) -> dict[str, int]:
         return await self.backend.pending_counts()

@@ -32,6 +32,7 @@ from webhookd.models import (
     DeliveryFilter,
     DeliveryRecord,
     DeliveryState,
+    Event,
     FanoutResult,
     OutboxRow,
     OversizedPayload,
@@ -91,7 +92,7 @@ class _OutboxEntry:
 @dataclass(slots=True)
 class _EventEntry:
     pk: int
-    outbox_id: int
+    outbox_id: int | None  # None for a test event (`webhookd send-test`)
     event_id: str
     event_type: str
     tenant: str | None
@@ -452,6 +453,64 @@ class MemoryBackend:
 
     async def release(self, delivery_pks: Sequence[int]) -> None:
         self._end_leases(delivery_pks)
+
+    async def record_test_send(
+        self, event: Event, endpoint_id: str, delivery_id: str, outcome: AttemptOutcome
+    ) -> None:
+        db = self._db("record test send")
+        # The UNIQUE constraints, checked before anything changes: the write is all-or-nothing.
+        if any(e.event_id == event.event_id for e in db.events.values()):
+            raise StorageError(
+                "record test send failed on memory: UNIQUE constraint failed: "
+                "webhookd_events.event_id"
+            )
+        if any(d.delivery_id == delivery_id for d in db.deliveries.values()):
+            raise StorageError(
+                "record test send failed on memory: UNIQUE constraint failed: "
+                "webhookd_deliveries.delivery_id"
+            )
+        now = time.time()
+        event_pk = max(db.events, default=0) + 1
+        db.events[event_pk] = _EventEntry(
+            pk=event_pk,
+            outbox_id=None,
+            event_id=event.event_id,
+            event_type=event.event_type,
+            tenant=event.tenant,
+            occurred_at=event.occurred_at,
+            body=event.body,
+            created_at=now,
+        )
+        delivery_pk = max(db.deliveries, default=0) + 1
+        db.deliveries[delivery_pk] = _DeliveryEntry(
+            pk=delivery_pk,
+            delivery_id=delivery_id,
+            event_pk=event_pk,
+            endpoint_id=endpoint_id,
+            state=outcome.new_state.value,
+            attempts=outcome.attempt_no,
+            next_attempt_at=None,
+            created_at=now,
+            updated_at=now,
+            last_status=outcome.status_code,
+            last_error=outcome.error,
+        )
+        db.attempts.append(
+            _AttemptEntry(
+                max((a.id for a in db.attempts), default=0) + 1,
+                delivery_pk,
+                AttemptRecord(
+                    outcome.attempt_no,
+                    outcome.started_at,
+                    outcome.duration_seconds,
+                    outcome.result.value,
+                    outcome.status_code,
+                    outcome.error,
+                    outcome.response_excerpt,
+                ),
+            )
+        )
+        db.commit()
 
     def _end_leases(self, pks: Iterable[int]) -> None:
         for pk in pks:

@@ -35,6 +35,7 @@ from webhookd.models import (
     Delivery,
     DeliveryFilter,
     DeliveryRecord,
+    Event,
     FanoutResult,
     OutboxRow,
     OversizedPayload,
@@ -453,6 +454,52 @@ class SQLiteBackend:
 
     async def release(self, delivery_pks: Sequence[int]) -> None:
         self._end_leases(delivery_pks)
+
+    async def record_test_send(
+        self, event: Event, endpoint_id: str, delivery_id: str, outcome: AttemptOutcome
+    ) -> None:
+        now = time.time()
+
+        async def write(conn: aiosqlite.Connection) -> None:
+            event_row = await conn.execute(
+                _Q["insert_test_event"],
+                {
+                    "event_id": event.event_id,
+                    "event_type": event.event_type,
+                    "tenant": event.tenant,
+                    "occurred_at": event.occurred_at,
+                    "body": event.body,
+                    "now": now,
+                },
+            )
+            delivery_row = await conn.execute(
+                _Q["insert_test_delivery"],
+                {
+                    "delivery_id": delivery_id,
+                    "event_pk": event_row.lastrowid,
+                    "endpoint_id": endpoint_id,
+                    "state": outcome.new_state.value,
+                    "attempts": outcome.attempt_no,
+                    "now": now,
+                    "last_status": outcome.status_code,
+                    "last_error": outcome.error,
+                },
+            )
+            await conn.execute(
+                _Q["insert_attempt"],
+                (
+                    delivery_row.lastrowid,
+                    outcome.attempt_no,
+                    outcome.started_at,
+                    outcome.duration_seconds,
+                    outcome.result.value,
+                    outcome.status_code,
+                    outcome.error,
+                    outcome.response_excerpt,
+                ),
+            )
+
+        await self._transaction("record test send", write)
 
     def _end_leases(self, pks: Any) -> None:
         for pk in pks:

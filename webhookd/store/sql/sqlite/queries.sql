@@ -102,3 +102,16 @@ FROM webhookd_attempts WHERE delivery_pk = :pk ORDER BY attempt_no, id;
 -- name: list_quarantine
 SELECT outbox_id, reason, detail, event_type, event_id, quarantined_at
 FROM webhookd_quarantine ORDER BY outbox_id DESC LIMIT :limit;
+
+-- name: insert_test_event
+-- `webhookd send-test`: an event that no outbox row produced (outbox_id stays NULL).
+INSERT INTO webhookd_events (outbox_id, event_id, event_type, tenant, occurred_at, body,
+                             created_at)
+VALUES (NULL, :event_id, :event_type, :tenant, :occurred_at, :body, :now);
+
+-- name: insert_test_delivery
+-- Born in its final state: a test send is made once and never retried.
+INSERT INTO webhookd_deliveries (delivery_id, event_pk, endpoint_id, state, attempts,
+                                 next_attempt_at, created_at, updated_at, last_status, last_error)
+VALUES (:delivery_id, :event_pk, :endpoint_id, :state, :attempts, NULL, :now, :now,
+        :last_status, :last_error);
