@@ -191,13 +191,12 @@ def _table_signing(
             expires_at = timestamp_to_unix(normalize_timestamp(raw_expiry))
         except (PayloadError, ValueError):
             problems.append(f"previous_secret_expires_at {raw_expiry!r} is not an ISO-8601 time")
-    if "standard" in schemes:
-        for name, value in (("secret", secret), ("previous_secret", previous)):
-            if value:
-                try:
-                    standard_key(value)
-                except ValueError as exc:
-                    problems.append(f"{name}: {exc}")
+    if "standard" in schemes and secret:
+        # Only the current secret must be a whsec_ key (see signing.request_headers).
+        try:
+            standard_key(secret)
+        except ValueError as exc:
+            problems.append(f"secret: {exc}")
     return schemes, previous, expires_at, problems
 
 

@@ -476,7 +476,9 @@ def _secret_problems(ep: Mapping[str, Any]) -> list[str]:
         )
     schemes = ep.get("signature_schemes")
     if isinstance(schemes, list | tuple) and "standard" in schemes:
-        for key in ("secret", "secret_file", "previous_secret", "previous_secret_file"):
+        # Only the current secret must be a whsec_ key: a previous secret from before the
+        # endpoint used Standard Webhooks keeps signing the seed header only.
+        for key in ("secret", "secret_file"):
             value = ep.get(key)
             if value is None:
                 continue

@@ -81,6 +81,19 @@ def active_secrets(endpoint: Endpoint, now: float) -> tuple[str, ...]:
     return (endpoint.secret,)
 
 
+def _standard_keys(secrets: Sequence[str]) -> list[bytes]:
+    """Keys of the secrets that are whsec_ keys. The current one always is (validated with the
+    endpoint); a previous secret from before the endpoint used Standard Webhooks may not be,
+    and then it signs the seed scheme's -Previous header only."""
+    keys = [standard_key(secrets[0])]
+    for secret in secrets[1:]:
+        try:
+            keys.append(standard_key(secret))
+        except ValueError:
+            continue
+    return keys
+
+
 def request_headers(
     *,
     header_prefix: str,
@@ -111,7 +124,7 @@ def request_headers(
         ours["webhook-id"] = delivery_id
         ours["webhook-timestamp"] = str(timestamp)
         ours["webhook-signature"] = " ".join(
-            standard_signature(standard_key(s), delivery_id, timestamp, body) for s in secrets
+            standard_signature(key, delivery_id, timestamp, body) for key in _standard_keys(secrets)
         )
     if not extra:
         return ours

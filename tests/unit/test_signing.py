@@ -171,3 +171,11 @@ def test_generated_secrets_suit_both_schemes_and_differ() -> None:
     a, b = generate_secret(), generate_secret()
     assert a != b
     assert len(standard_key(a)) == 32
+
+
+def test_a_free_text_previous_secret_signs_only_the_seed_header() -> None:
+    # An endpoint rotated off a legacy secret onto a whsec_ one, then given Standard Webhooks:
+    # the old secret cannot key an HMAC there, so it rides in -Signature-Previous only.
+    got = headers(secrets=(WHSEC, "legacy-secret"), schemes=("seed", "standard"))
+    assert got["X-BookingScheduler-Signature-Previous"] == seed_signature("legacy-secret", BODY)
+    assert got["webhook-signature"] == _v1(KEY, "dlv_1", 1705312800, BODY)
