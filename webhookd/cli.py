@@ -493,10 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("delivery_id", metavar="DELIVERY_ID")
 
     from webhookd.events_cli import add_events_parser
+    from webhookd.send_test import add_send_test_parser
     from webhookd.verify_cli import add_verify_parser
 
     add_verify_parser(sub, [common])
     add_events_parser(sub, [common], listing)
+    add_send_test_parser(sub, [common])
 
     quarantine = sub.add_parser("quarantine", help="outbox rows refused", parents=[common])
     qsub = quarantine.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")

@@ -6,6 +6,7 @@ memory), and the total timeout bounds a slow drip.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
@@ -156,7 +157,9 @@ def describe_client_error(exc: aiohttp.ClientError) -> str:
     if isinstance(exc, aiohttp.ClientConnectorDNSError):
         return f"DNS lookup failed for {exc.host}: {exc.os_error.strerror or exc.os_error}"
     if isinstance(exc, aiohttp.ClientConnectorError):
-        reason = exc.os_error.strerror or str(exc.os_error)
+        errno = exc.os_error.errno
+        # asyncio's "Connect call failed (...)" hides the cause; the errno names it.
+        reason = os.strerror(errno) if errno else exc.os_error.strerror or str(exc.os_error)
         return f"cannot connect to {exc.host}:{exc.port}: {reason}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection without a response"

@@ -41,28 +41,6 @@ OLD_WHSEC = "whsec_" + base64.b64encode(bytes(range(100, 132))).decode()
 # -- set-up ----------------------------------------------------------------------------------
 
 
-def _main(argv: list[str]) -> int:  # TEMPORARY until cli.py wires send-test
-    import argparse
-    import inspect
-
-    from webhookd import cli
-    from webhookd.send_test import add_send_test_parser
-
-    if argv[0] != "send-test" or "add_send_test_parser" in inspect.getsource(cli):
-        return main(argv)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", "-c", default=argparse.SUPPRESS)
-    parser = argparse.ArgumentParser(prog="webhookd")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_send_test_parser(sub, [common])
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except cli.WebhookdError as exc:
-        print(f"webhookd: error: {exc}")
-        return 1
-
-
 @dataclass
 class Setup:
     tmp_path: Path
@@ -87,7 +65,7 @@ class Setup:
     async def webhookd(self, *argv: str) -> tuple[int, str, str]:
         """Run ``webhookd ARGV --config FILE``; its exit code, stdout and stderr."""
         self.capsys.readouterr()
-        code = await asyncio.to_thread(_main, [*argv, "--config", str(self.config)])
+        code = await asyncio.to_thread(main, [*argv, "--config", str(self.config)])
         out, err = self.capsys.readouterr()
         return code, out, err
 
