@@ -364,13 +364,13 @@ def add_send_test_parser(
 
 
 def cmd_send_test(args: argparse.Namespace) -> int:
-    from webhookd.cli import _settings, _with_store, run_async
+    from webhookd.cli.common import run_async, settings_from_args, with_store
 
-    settings = _settings(args)
+    settings = settings_from_args(args)
     try:
         example_data(args.event_type)
         report = run_async(
-            _with_store(
+            with_store(
                 settings,
                 lambda store: send_test(settings, store, args.endpoint_id, args.event_type),
             )

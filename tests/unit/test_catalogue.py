@@ -4,7 +4,6 @@ problems ``check_data`` reports, the ``[events]`` policy applied to outbox rows,
 
 from __future__ import annotations
 
-import argparse
 import json
 from collections.abc import Sequence
 from types import MappingProxyType
@@ -333,20 +332,7 @@ def test_a_misspelt_policy_is_a_config_error_naming_the_key(tmp_path: Any) -> No
 
 
 def run_cli(argv: Sequence[str]) -> int:
-    """``webhookd.cli.main(argv)``; until cli.py wires the command in, the same parser pieces."""
-    parser = cli.build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    if "events" in commands:
-        return cli.main(list(argv))
-    from webhookd.events_cli import add_events_parser
-
-    listing = argparse.ArgumentParser(add_help=False)
-    listing.add_argument("--json", action="store_true")
-    standalone = argparse.ArgumentParser(prog="webhookd")
-    add_events_parser(standalone.add_subparsers(dest="command", required=True), [], listing)
-    args = standalone.parse_args(list(argv))
-    code: int = args.func(args)
-    return code
+    return cli.main(list(argv))
 
 
 def test_events_list_shows_types_descriptions_and_fields(
