@@ -32,7 +32,7 @@ from webhookd.ids import new_id
 from webhookd.models import AttemptOutcome, AttemptResult, Delivery, DeliveryState, Endpoint, Event
 from webhookd.routing import pattern_matches
 from webhookd.settings import Settings
-from webhookd.signing import active_secrets
+from webhookd.signing import active_secrets, standard_key
 from webhookd.store.base import Store
 
 DEFAULT_EVENT_TYPE = "webhook.test"
@@ -288,6 +288,14 @@ def _preview(excerpt: str | None) -> str:
     return shown + (" …" if len(excerpt) > RESPONSE_PREVIEW_CHARS else "")
 
 
+def _is_standard_key(secret: str) -> bool:
+    try:
+        standard_key(secret)
+    except ValueError:
+        return False
+    return True
+
+
 def render_text(report: SendTestReport) -> str:
     """The human-readable report (no secret in it)."""
     r = report.result
@@ -298,6 +306,9 @@ def render_text(report: SendTestReport) -> str:
     if report.signed_by_previous_secret and expires_at is not None:
         until = format_timestamp(datetime.fromtimestamp(expires_at, UTC))
         secrets = f"by the current and the previous secret (the previous one until {until})"
+        previous = report.endpoint.previous_secret or ""
+        if "standard" in report.endpoint.schemes and not _is_standard_key(previous):
+            secrets += "; the previous one is no whsec_ key, so it signs the seed header only"
     lines = [
         f"send-test to {report.endpoint.id} ({report.endpoint.url}) — event "
         f"{report.event.event_type}, delivery {report.delivery_id}",

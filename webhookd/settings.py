@@ -342,9 +342,10 @@ def load_settings(path: Path | str | None = None) -> Settings:
         problems = format_validation_errors(exc)
         failed = {_format_loc(e["loc"]) for e in exc.errors()}
         for loc, message in cross_key_problems(data):
-            if not any(
-                f == loc or f.startswith(loc + ".") or f.startswith(loc + "[") for f in failed
-            ):
+            # A key with an error of its own is not reported twice; a problem of a whole
+            # endpoint ("endpoints[0]: ...") is reported even when one of its keys has an error.
+            nested = any(f.startswith((loc + ".", loc + "[")) for f in failed)
+            if loc not in failed and (loc.endswith("]") or not nested):
                 problems.append(f"{loc}: {message}")
         raise ConfigError(problems, source) from None
     problems = check_settings(settings)
@@ -482,13 +483,16 @@ def _secret_problems(ep: Mapping[str, Any]) -> list[str]:
             value = ep.get(key)
             if value is None:
                 continue
-            try:
-                if isinstance(value, SecretStr):
-                    text = value.get_secret_value()
-                elif key.endswith("_file"):
+            if isinstance(value, SecretStr):
+                text = value.get_secret_value()
+            elif key.endswith("_file"):
+                try:
                     text = read_secret_file(Path(value))
-                else:
-                    text = str(value)
+                except ValueError:
+                    continue  # an unreadable file is reported by the field's own check
+            else:
+                text = str(value)
+            try:
                 standard_key(text)
             except ValueError as exc:
                 problems.append(f"{key}: {exc}")

@@ -322,7 +322,7 @@ def verify_standard(
     disables the check, e.g. for a captured request).
     """
     secrets = _secret_list(secret)
-    keys = [_standard_key(value, number) for number, value in enumerate(secrets, 1)]
+    keys = _standard_keys(secrets)
     hint = "check that this endpoint uses the Standard Webhooks signature scheme"
     message_id = _require(headers, STANDARD_ID_HEADER, hint)
     timestamp_text = _require(headers, STANDARD_TIMESTAMP_HEADER, hint)
@@ -385,10 +385,29 @@ def _v1_signatures(header: str) -> list[bytes]:
     return found
 
 
+def _standard_keys(secrets: Sequence[str]) -> list[bytes | None]:
+    """One key per secret, None for a secret that is not a Standard Webhooks key. A receiver
+    mid-rotation may hold an old free-text secret (used for the seed scheme) beside its whsec_
+    one; only when no secret at all is usable is that the receiver's configuration error."""
+    keys: list[bytes | None] = []
+    first_error: SecretError | None = None
+    for number, value in enumerate(secrets, 1):
+        try:
+            keys.append(_standard_key(value, number))
+        except SecretError as exc:
+            keys.append(None)
+            first_error = first_error or exc
+    if first_error is not None and not any(keys):
+        raise first_error
+    return keys
+
+
 def _first_match(
-    keys: Sequence[bytes], signed: bytes, signatures: Sequence[bytes]
+    keys: Sequence[bytes | None], signed: bytes, signatures: Sequence[bytes]
 ) -> tuple[int, int] | None:
     for key_index, key in enumerate(keys):
+        if key is None:
+            continue
         expected = hmac.new(key, signed, hashlib.sha256).digest()
         for signature_index, signature in enumerate(signatures):
             if hmac.compare_digest(expected, signature):

@@ -4,6 +4,7 @@ endpoint lookup and the report. Sending against real receivers is in
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -310,13 +311,15 @@ def test_notes_say_when_the_daemon_would_not_send_this() -> None:
 # -- the report ------------------------------------------------------------------------------
 
 
-def report(result: HttpResult, *, previous: bool = False) -> SendTestReport:
+def report(
+    result: HttpResult, *, previous: bool = False, previous_secret: str = "old-" + SECRET
+) -> SendTestReport:
     endpoint = Endpoint(
         id="crm",
         url=URL,
         secret=SECRET,
         schemes=("seed", "standard"),
-        previous_secret="old-" + SECRET if previous else None,
+        previous_secret=previous_secret if previous else None,
         previous_secret_expires_at=NOW + 3600 if previous else None,
     )
     return SendTestReport(
@@ -358,11 +361,14 @@ def test_a_long_or_multiline_response_is_shown_on_one_line_and_cut() -> None:
 
 
 def test_the_report_says_which_schemes_and_secrets_signed() -> None:
-    lines = render_text(report(http(200), previous=True)).splitlines()
+    whsec = "whsec_" + base64.b64encode(bytes(range(32))).decode()
+    lines = render_text(report(http(200), previous=True, previous_secret=whsec)).splitlines()
     assert (
         "  signed:   seed + standard, by the current and the previous secret (the previous "
         "one until 2024-01-15T11:00:00.250Z)"
     ) in lines
+    legacy = render_text(report(http(200), previous=True, previous_secret="legacy-free-text"))
+    assert "the previous one is no whsec_ key, so it signs the seed header only" in legacy
     assert (
         "  signed:   seed + standard, by the current secret"
         in render_text(report(http(200), previous=False)).splitlines()

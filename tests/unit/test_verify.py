@@ -693,3 +693,12 @@ def test_cli_a_missing_file_is_a_usage_error(
     code = main(["verify", "--secret-file", secret, "--headers", "nope", "--body", secret])
     assert code == 2
     assert "cannot read the headers file" in capsys.readouterr().err
+
+
+def test_a_free_text_secret_beside_a_whsec_one_does_not_break_standard_verification() -> None:
+    # A receiver mid-rotation from a legacy (seed-only) secret holds both; with the standard
+    # scheme only the whsec_ one can match, and the free-text one must not make it an error.
+    result = verify_standard(BODY, standard_headers(KEY), ["legacy-free-text", WHSEC], now=NOW)
+    assert result.secret_index == 1
+    with pytest.raises(SecretError):
+        verify_standard(BODY, standard_headers(KEY), ["legacy-free-text"], now=NOW)
