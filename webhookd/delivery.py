@@ -36,16 +36,17 @@ class Sender:
         self._settings = settings
         self._session: aiohttp.ClientSession | None = None
 
+    def apply(self, settings: DeliverySettings) -> None:
+        """Use ``settings`` (timeouts, header prefix, excerpt size) from the next attempt on;
+        attempts already running keep the values they started with."""
+        self._settings = settings
+
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._settings.max_inflight, limit_per_host=0, ttl_dns_cache=60
-        )
+        # No connection cap here: the dispatcher's global limiter bounds the requests in flight,
+        # and unlike a connector's limit it can be resized by a configuration reload.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60)
         self._session = aiohttp.ClientSession(
             connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=self._settings.timeout_seconds,
-                sock_connect=self._settings.connect_timeout_seconds,
-            ),
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
         )
@@ -59,10 +60,11 @@ class Sender:
         """Make one attempt. Never raises for network trouble: it is classified instead."""
         if self._session is None:
             raise RuntimeError("Sender.start() was not called")
+        settings = self._settings  # one attempt uses one configuration, even across a reload
         started = time.time()
         t0 = time.perf_counter()
         headers = request_headers(
-            header_prefix=self._settings.header_prefix,
+            header_prefix=settings.header_prefix,
             secrets=active_secrets(endpoint, started),
             schemes=endpoint.schemes,
             body=delivery.body,
@@ -75,17 +77,23 @@ class Sender:
         excerpt: str | None = None
         try:
             async with self._session.post(
-                endpoint.url, data=delivery.body, headers=headers, allow_redirects=False
+                endpoint.url,
+                data=delivery.body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(
+                    total=settings.timeout_seconds, sock_connect=settings.connect_timeout_seconds
+                ),
             ) as response:
                 status = response.status
-                excerpt = await self._read_excerpt(response)
+                excerpt = await self._read_excerpt(response, settings.response_excerpt_bytes)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             return self._result(
                 started,
                 t0,
                 AttemptResult.TIMEOUT,
                 status,
-                _timeout_text(exc, self._settings, status),
+                _timeout_text(exc, settings, status),
                 excerpt,
             )
         except aiohttp.ClientError as exc:
@@ -108,8 +116,7 @@ class Sender:
             error += " (redirects are not followed; point the endpoint at the final URL)"
         return self._result(started, t0, AttemptResult.HTTP_ERROR, status, error, excerpt)
 
-    async def _read_excerpt(self, response: aiohttp.ClientResponse) -> str:
-        cap = self._settings.response_excerpt_bytes
+    async def _read_excerpt(self, response: aiohttp.ClientResponse, cap: int) -> str:
         data = bytearray()
         while len(data) < cap:
             chunk = await response.content.read(min(_READ_CHUNK_BYTES, cap - len(data)))

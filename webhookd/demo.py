@@ -94,11 +94,9 @@ async def _deliver_examples(db_path: Path, url: str, receiver: _Receiver) -> int
     task = asyncio.create_task(daemon.run())
     try:
         await _wait_started(daemon, task)
-        conn = sqlite3.connect(db_path)
-        with conn:  # one transaction, as an application would do it
-            for event_type, _, occurred_at, data in SEED_EVENTS:
-                enqueue(conn, event_type, data, tenant="org_demo", occurred_at=occurred_at)
-        conn.close()
+        # In a thread, as the application's own process would be: a blocking sqlite3 call on
+        # this loop would stall the daemon, which shares it, and could wait on its lock.
+        await asyncio.to_thread(_enqueue_examples, db_path)
         enqueued_at = time.monotonic()
         print(f"enqueued {len(SEED_EVENTS)} events in one transaction; delivering...")
         deadline = enqueued_at + DEMO_TIMEOUT_SECONDS
@@ -129,6 +127,16 @@ async def _deliver_examples(db_path: Path, url: str, receiver: _Receiver) -> int
         print("Next: copy config.example.toml, point an endpoint at your receiver, `webhookd run`.")
         return 0
     return 1
+
+
+def _enqueue_examples(db_path: Path) -> None:
+    conn = sqlite3.connect(db_path, timeout=10.0)
+    try:
+        with conn:  # one transaction, as an application would do it
+            for event_type, _, occurred_at, data in SEED_EVENTS:
+                enqueue(conn, event_type, data, tenant="org_demo", occurred_at=occurred_at)
+    finally:
+        conn.close()
 
 
 async def _wait_started(daemon: Daemon, task: asyncio.Task[None]) -> None:

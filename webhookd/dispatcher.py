@@ -23,6 +23,7 @@ from webhookd.delivery import HttpResult, Sender
 from webhookd.errors import StorageError
 from webhookd.events import classify_row, timestamp_to_unix
 from webhookd.ids import new_id
+from webhookd.limits import Limiter
 from webhookd.log import log_event
 from webhookd.metrics import Metrics
 from webhookd.models import (
@@ -39,6 +40,7 @@ from webhookd.models import (
     PlannedEvent,
 )
 from webhookd.recorder import Recorder
+from webhookd.retention import Housekeeper
 from webhookd.retry import RetryPolicy, next_attempt_at
 from webhookd.routing import route
 from webhookd.settings import Settings
@@ -54,14 +56,21 @@ RECORDER_FLUSH_SECONDS = 10.0
 def decide(
     result: HttpResult, delivery: Delivery, policy: RetryPolicy, now: float, rand: float
 ) -> AttemptOutcome:
-    """What the delivery becomes after this attempt. Pure."""
+    """What the delivery becomes after this attempt. Pure.
+
+    Attempt numbers go on across ``webhookd deliveries retry``; the retry budget (attempts and
+    age) and the backoff count from the retry, which started a fresh schedule."""
     attempt_no = delivery.attempts + 1
     next_at: float | None = None
     if result.result is AttemptResult.SUCCESS:
         state = DeliveryState.SUCCEEDED
     else:
         next_at = next_attempt_at(
-            policy, attempts_made=attempt_no, created_at=delivery.created_at, now=now, rand=rand
+            policy,
+            attempts_made=attempt_no - delivery.attempts_before_schedule,
+            created_at=delivery.schedule_start,
+            now=now,
+            rand=rand,
         )
         state = DeliveryState.FAILED if next_at is None else DeliveryState.PENDING
     return AttemptOutcome(
@@ -219,14 +228,19 @@ class Dispatcher:
         self.catalogue_policy = settings.events.policy()
         self._schema_warnings: tuple[SchemaWarning, ...] = ()  # of the plan being committed
         self.recorder = Recorder(store)
+        # Its own task: a long first pruning pass must not hold up the lag and pending gauges.
+        self.housekeeper = Housekeeper(
+            store, lambda: self.settings.retention, self.store_failed, clock=clock
+        )
         self.endpoints: dict[str, Endpoint] = {}
         self.workers: dict[str, EndpointWorker] = {}
         self.inflight: dict[str, set[asyncio.Task[None]]] = {}
         self._static = endpoints_mod.from_settings(settings)
         self._endpoints_version: int | None = None
+        self._requeued_version: int | None = None
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._global = asyncio.Semaphore(settings.delivery.max_inflight)
+        self._global = Limiter(settings.delivery.max_inflight)
         self.crashed: BaseException | None = None
         self.crash_event = asyncio.Event()
         self.last_store_error: str | None = None
@@ -242,6 +256,7 @@ class Dispatcher:
             asyncio.create_task(self.recorder.run(), name="recorder"),
             asyncio.create_task(self._fanout_loop(), name="fanout"),
             asyncio.create_task(self._housekeeping_loop(), name="housekeeping"),
+            asyncio.create_task(self.housekeeper.run(self._stopping), name="retention"),
         ]
         for task in self._tasks:
             task.add_done_callback(self.side_task_done)
@@ -333,6 +348,8 @@ class Dispatcher:
             worker = self.workers.get(ep_id)
             if ep is not None:
                 self.metrics.set_endpoint_state(ep_id, "ok" if active else "disabled")
+            else:
+                self.metrics.forget_endpoint(ep_id)
             if old.get(ep_id) != ep:
                 log_event(
                     logger,
@@ -354,6 +371,32 @@ class Dispatcher:
             elif worker is not None:
                 worker.stop()
                 del self.workers[ep_id]
+
+    # -- configuration reload ----------------------------------------------------------------
+
+    @property
+    def static_endpoints(self) -> list[Endpoint]:
+        """The endpoints of the configuration file in force."""
+        return list(self._static)
+
+    async def apply_settings(self, settings: Settings, static: list[Endpoint]) -> None:
+        """Switch to a reloaded configuration (``static``: its endpoints, already built).
+
+        Requests in flight finish as they started; the next fan-out, claim and attempt use the
+        new values. Limits shrink as slots free up rather than cutting anything short.
+        """
+        self.settings = settings
+        self.policy = RetryPolicy.from_settings(settings.retry)
+        self.catalogue_policy = settings.events.policy()
+        self._global.resize(settings.delivery.max_inflight)
+        self._static = static
+        # Forget the version: should this reload fail on the store, the fan-out loop's next
+        # turn loads the endpoints again.
+        self._endpoints_version = None
+        try:
+            await self.reload_endpoints(force=True)
+        except StorageError as exc:
+            self.store_failed("reload_endpoints", exc)
 
     # -- fan-out -----------------------------------------------------------------------------
 
@@ -389,14 +432,16 @@ class Dispatcher:
             )
 
     async def _fanout_loop(self) -> None:
-        batch_size = self.settings.outbox.batch_size
-        poll = self.settings.outbox.poll_interval_seconds
         more = True
         delay = STORE_RETRY_INITIAL_SECONDS
         while not self._stopping.is_set():
+            # Read on every turn: a configuration reload may change them.
+            batch_size = self.settings.outbox.batch_size
+            poll = self.settings.outbox.poll_interval_seconds
             try:
                 if await self.store.outbox_changed() or more:
                     await self.reload_endpoints()
+                    await self._wake_for_requeued()
                     self._schema_warnings = ()
                     result = await self.store.fan_out(
                         self._plan,
@@ -420,6 +465,17 @@ class Dispatcher:
                 continue
             if not more:
                 await self._sleep(poll)
+
+    async def _wake_for_requeued(self) -> None:
+        """Wake every worker when `webhookd deliveries retry` made deliveries due: a worker
+        that saw nothing pending sleeps until woken, and one backing off until its next due
+        time, which may be hours away."""
+        version = await self.store.requeued_version()
+        if version != self._requeued_version:
+            if self._requeued_version is not None:
+                for worker in self.workers.values():
+                    worker.wake.set()
+            self._requeued_version = version
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

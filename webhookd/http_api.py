@@ -25,6 +25,7 @@ def make_app(metrics: Metrics, readiness: Readiness) -> web.Application:
         return web.json_response({"status": "ready"})
 
     async def metrics_handler(request: web.Request) -> web.Response:
+        metrics.ready.set(0 if await readiness() else 1)
         response = web.Response(body=metrics.render())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response

@@ -5,6 +5,8 @@ Each daemon owns one :class:`Metrics` with its own registry, so tests can run se
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -19,6 +21,15 @@ from webhookd import __version__
 DEFAULT_MAX_ENDPOINT_LABELS = 200
 OTHER_ENDPOINTS_LABEL = "_other"
 ENDPOINT_STATES = ("ok", "backing_off", "disabled")
+# What retention deletes: the ``kind`` label of webhookd_pruned_rows_total.
+PRUNE_KINDS = (
+    "deliveries_succeeded",
+    "deliveries_failed",
+    "attempts",
+    "events",
+    "outbox",
+    "quarantine",
+)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 15, 30, 60)
 _EVENT_TO_DELIVERY_BUCKETS = (
@@ -104,12 +115,25 @@ class Metrics:
             "webhookd_build_info", "Always 1; the version is a label.", ["version"], registry=r
         )
         self.build_info.labels(version=__version__).set(1)
+        self.ready = Gauge(
+            "webhookd_ready",
+            "1 when /readyz answers 200, else 0; refreshed on every scrape of /metrics.",
+            registry=r,
+        )
         self.store_errors = Counter(
             "webhookd_store_errors",
             "Store operations that failed and will be retried.",
             ["operation"],
             registry=r,
         )
+        self.pruned_rows = Counter(
+            "webhookd_pruned_rows",
+            "Rows deleted by retention ([retention]), by kind.",
+            ["kind"],
+            registry=r,
+        )
+        for kind in PRUNE_KINDS:
+            self.pruned_rows.labels(kind=kind)  # every series exists from the start, at 0
 
     def endpoint_label(self, endpoint_id: str) -> str:
         """The endpoint's label value; past the cap, endpoints share one label."""
@@ -124,6 +148,24 @@ class Metrics:
         label = self.endpoint_label(endpoint_id)
         for name in ENDPOINT_STATES:
             self.endpoint_state.labels(endpoint=label, state=name).set(1 if name == state else 0)
+        # Every series of a known endpoint exists from the start at 0, so that increase() sees
+        # its first failure (a counter born at 1 looks like no change to Prometheus).
+        for outcome in ("succeeded", "failed"):
+            self.deliveries.labels(endpoint=label, outcome=outcome)
+        for result in ("success", "http_error", "timeout", "network_error"):
+            self.delivery_attempts.labels(endpoint=label, result=result)
+        self.inflight.labels(endpoint=label)
+
+    def forget_endpoint(self, endpoint_id: str) -> None:
+        """A removed endpoint's state and gauges go (its counters stay: they are history)."""
+        if endpoint_id not in self._endpoint_labels:
+            return  # folded into "_other", which other endpoints still share
+        for name in ENDPOINT_STATES:
+            with contextlib.suppress(KeyError):
+                self.endpoint_state.remove(endpoint_id, name)
+        for gauge in (self.deliveries_pending, self.inflight):
+            with contextlib.suppress(KeyError):
+                gauge.remove(endpoint_id)
 
     def set_pending(self, counts: dict[str, int], known_endpoints: list[str]) -> None:
         folded: dict[str, int] = {}

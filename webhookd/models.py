@@ -125,6 +125,15 @@ class Delivery:
     body: bytes
     attempts: int  # attempts already made
     created_at: float  # unix seconds when it was fanned out
+    # Since `webhookd deliveries retry`: the retry schedule's budget (attempts and age) counts
+    # from here. Without a retry: no attempts before it, and it started at created_at.
+    attempts_before_schedule: int = 0
+    schedule_started_at: float | None = None
+
+    @property
+    def schedule_start(self) -> float:
+        """When the current retry schedule started (unix seconds)."""
+        return self.created_at if self.schedule_started_at is None else self.schedule_started_at
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +180,8 @@ class DeliveryRecord:
     last_status: int | None
     last_error: str | None
     attempt_log: tuple[AttemptRecord, ...] = ()
+    retried_at: float | None = None  # the last `webhookd deliveries retry`, if any
+    attempts_before_retry: int = 0  # attempts made before that retry
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,4 +201,64 @@ class DeliveryFilter:
     event_type: str | None = None
     event_id: str | None = None
     tenant: str | None = None
-    limit: int = 100
+    limit: int = 100  # negative: no limit
+    since: float | None = None  # created at or after (unix seconds)
+    until: float | None = None  # created before (unix seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """A fanned-out event as ``webhookd events show EVENT_ID`` shows it."""
+
+    event_id: str
+    event_type: str
+    tenant: str | None
+    occurred_at: str
+    outbox_id: int | None  # None for a test event (`webhookd send-test`)
+    created_at: float  # when it was fanned out
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointHealth:
+    """An endpoint's recent record, from its attempts (within a window) and deliveries."""
+
+    endpoint_id: str
+    attempts: int = 0  # in the window
+    succeeded: int = 0  # successful attempts in the window
+    p95_seconds: float | None = None  # nearest-rank 95th percentile of attempt durations
+    last_error: str | None = None  # the latest failed attempt (any time)
+    last_error_status: int | None = None
+    last_error_at: float | None = None
+    pending: int = 0
+
+    @property
+    def success_rate(self) -> float | None:
+        return self.succeeded / self.attempts if self.attempts else None
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointRemoval:
+    """What ``remove_endpoint`` did: nothing when the row is missing or, without ``force``,
+    while the endpoint has pending deliveries (their number is ``pending``)."""
+
+    found: bool
+    removed: bool
+    pending: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Backlog and activity, for ``webhookd stats``. Counts over the window are since ``since``."""
+
+    since: float
+    outbox_unprocessed: int
+    oldest_unprocessed: str | None  # occurred_at of the next outbox row to fan out
+    pending: int
+    due: int  # pending with next_attempt_at <= now
+    attempts: int
+    attempts_succeeded: int
+    attempts_failed: int
+    deliveries_succeeded: int  # became succeeded in the window
+    deliveries_failed: int  # became failed (dead letters) in the window
+    quarantined: int
+    failures_by_endpoint: tuple[tuple[str, int], ...]  # failed attempts, most first

@@ -52,7 +52,9 @@ def next_attempt_at(
 
     A delivery gets at most ``max_attempts`` attempts, none after ``max_age_seconds`` from its
     creation; a retry that would fall after the deadline is moved to the deadline itself so that
-    the last chance is not lost to rounding.
+    the last chance is not lost to rounding. After ``webhookd deliveries retry`` the schedule
+    starts afresh: pass the attempts made since the retry and the retry's time as ``created_at``
+    (:attr:`webhookd.models.Delivery.schedule_start`).
     """
     if attempts_made >= policy.max_attempts:
         return None

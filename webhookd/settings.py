@@ -8,6 +8,7 @@ key path (:class:`~webhookd.errors.ConfigError`); nothing starts half-configured
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +30,9 @@ from webhookd.errors import ConfigError
 from webhookd.routing import pattern_problem
 
 CONFIG_ENV_VAR = "WEBHOOKD_CONFIG"
+# systemd's LoadCredential= puts secrets in this directory; secret_file = "%d/NAME" reads one.
+CREDENTIALS_DIRECTORY_ENV = "CREDENTIALS_DIRECTORY"
+CREDENTIAL_PREFIXES = ("%d/", "$CREDENTIALS_DIRECTORY/", "${CREDENTIALS_DIRECTORY}/")
 
 DEFAULT_DATABASE_PATH = "webhookd.db"
 DEFAULT_BUSY_TIMEOUT_SECONDS = 5.0
@@ -52,6 +56,13 @@ DEFAULT_FANOUT_BATCH_SIZE = 500
 # express.json() refuses bodies over 100 kB by default; stay well inside it.
 DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024
 DEFAULT_GRACE_SECONDS = 10.0
+DEFAULT_RETENTION_SUCCEEDED_SECONDS = 7 * 24 * 3600.0
+# Dead letters are kept longer, so that they can still be inspected and replayed.
+DEFAULT_RETENTION_FAILED_SECONDS = 30 * 24 * 3600.0
+DEFAULT_RETENTION_OUTBOX_SECONDS = 7 * 24 * 3600.0
+DEFAULT_PRUNE_BATCH_SIZE = 500
+DEFAULT_PRUNE_INTERVAL_SECONDS = 60.0
+DEFAULT_CHECKPOINT_IDLE_SECONDS = 5.0
 
 ENDPOINT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
@@ -156,6 +167,49 @@ class DaemonSettings(_Section):
         ge=0,
         le=3600,
         description="On SIGTERM, how long in-flight requests may take to finish.",
+    )
+
+
+class RetentionSettings(_Section):
+    """How long finished work is kept, and how pruning and WAL checkpoints run. For the three
+    retention periods, 0 keeps those rows forever."""
+
+    succeeded_seconds: float = Field(
+        default=DEFAULT_RETENTION_SUCCEEDED_SECONDS,
+        ge=0,
+        description="Succeeded deliveries and their attempts are deleted this long after they "
+        "succeeded; 0 keeps them forever.",
+    )
+    failed_seconds: float = Field(
+        default=DEFAULT_RETENTION_FAILED_SECONDS,
+        ge=0,
+        description="Failed deliveries (dead letters) and their attempts are deleted this long "
+        "after they failed; 0 keeps them forever.",
+    )
+    outbox_seconds: float = Field(
+        default=DEFAULT_RETENTION_OUTBOX_SECONDS,
+        ge=0,
+        description="Outbox rows, events without deliveries and quarantine rows are deleted "
+        "this long after they were fanned out; 0 keeps them forever.",
+    )
+    batch_size: int = Field(
+        default=DEFAULT_PRUNE_BATCH_SIZE,
+        ge=1,
+        le=10_000,
+        description="Rows deleted per write transaction (deliveries take their attempts along).",
+    )
+    interval_seconds: float = Field(
+        default=DEFAULT_PRUNE_INTERVAL_SECONDS,
+        gt=0,
+        le=24 * 3600,
+        description="How often to prune.",
+    )
+    checkpoint_idle_seconds: float = Field(
+        default=DEFAULT_CHECKPOINT_IDLE_SECONDS,
+        ge=0,
+        le=24 * 3600,
+        description="Checkpoint and truncate the WAL once nothing was written for this long; "
+        "0 leaves the WAL to SQLite's automatic checkpoints.",
     )
 
 
@@ -274,6 +328,12 @@ class EndpointSettings(_Section):
 
 
 def read_secret_file(path: Path) -> str:
+    if str(path).startswith(CREDENTIAL_PREFIXES):
+        raise ValueError(
+            f"secret file {str(path)!r} names a systemd credential, but "
+            f"${CREDENTIALS_DIRECTORY_ENV} is not set: run under systemd with LoadCredential=, "
+            "or set it to the directory"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -303,6 +363,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     outbox: OutboxSettings = OutboxSettings()
     daemon: DaemonSettings = DaemonSettings()
+    retention: RetentionSettings = RetentionSettings()
     events: EventsSettings = EventsSettings()
     log: LogSettings = LogSettings()
     endpoints: tuple[EndpointSettings, ...] = ()
@@ -378,7 +439,18 @@ def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> None:
         for item in endpoints:
             for key in ("secret_file", "previous_secret_file"):
                 if isinstance(item, dict) and isinstance(item.get(key), str):
-                    item[key] = str(base_dir / Path(item[key]).expanduser())
+                    item[key] = resolve_secret_path(item[key], base_dir)
+
+
+def resolve_secret_path(value: str, base_dir: Path) -> str:
+    """A secret file's path: ``%d/NAME`` or ``$CREDENTIALS_DIRECTORY/NAME`` is NAME in systemd's
+    credentials directory (``LoadCredential=``); other relative paths are against ``base_dir``.
+    Without ``$CREDENTIALS_DIRECTORY`` the value is kept, and reading it says why it fails."""
+    for prefix in CREDENTIAL_PREFIXES:
+        if value.startswith(prefix):
+            directory = os.environ.get(CREDENTIALS_DIRECTORY_ENV)
+            return str(Path(directory) / value[len(prefix) :]) if directory else value
+    return str(base_dir / Path(value).expanduser())
 
 
 # Values of these keys are never echoed in errors: secrets, and URLs (they may hold credentials).

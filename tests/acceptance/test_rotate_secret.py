@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-
-from conftest import Workspace
+from typing import TYPE_CHECKING
 
 from webhookd.signing import standard_key
+
+if TYPE_CHECKING:
+    from conftest import Workspace
 
 OLD = "whsec_MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTIz"
 

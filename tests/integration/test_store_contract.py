@@ -7,7 +7,9 @@ memory backend's helpers otherwise), so the tests never say which backend they r
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +32,7 @@ from webhookd.models import (
     OutboxRow,
     OversizedPayload,
 )
+from webhookd.retention import PruneCounts, RetentionCutoffs
 from webhookd.store.base import Planner, Store, StoreBackend
 from webhookd.store.memory import ENDPOINT_COLUMNS, ENDPOINT_DEFAULTS, MemoryBackend
 from webhookd.store.sqlite import SQLiteBackend
@@ -940,3 +943,519 @@ async def test_a_test_send_outcome_must_be_final(harness: Harness) -> None:
     with pytest.raises(ValueError, match="never retried"):
         await harness.store.record_test_send(sent_test_event(), "a", "dlv_test_1", pending)
     assert await harness.store.list_deliveries(DeliveryFilter()) == []
+
+
+# -- retention ([retention]: prune, changes, checkpoint) --------------------------------------
+
+FAR_FUTURE = 4_000_000_000.0  # a cutoff that every row is older than
+
+
+def now_and_later() -> float:
+    """The current time; what the store writes from here on is newer than it."""
+    moment = time.time()
+    while time.time() <= moment:
+        pass
+    return moment
+
+
+def cutoffs(
+    *, succeeded: float | None = None, failed: float | None = None, outbox: float | None = None
+) -> RetentionCutoffs:
+    return RetentionCutoffs(succeeded_before=succeeded, failed_before=failed, outbox_before=outbox)
+
+
+async def prune(harness: Harness, cut: RetentionCutoffs, batch_size: int = BATCH) -> PruneCounts:
+    return await harness.store.prune(cut, batch_size, pause_seconds=0)
+
+
+async def deliver(harness: Harness, n: int, state: DeliveryState) -> list[Delivery]:
+    """Fan ``n`` new events out to EP_A and record one attempt each, leaving them in ``state``
+    (pending: retried only at FAR_FUTURE)."""
+    booking(harness.app, n)
+    await harness.store.fan_out(planner([EP_A]), BATCH, NOW)
+    claimed = await harness.store.claim_due("a", NOW, n)
+    assert len(claimed) == n
+    if state is DeliveryState.SUCCEEDED:
+        outcomes = [succeeded_attempt(d) for d in claimed]
+    else:
+        next_at = FAR_FUTURE if state is DeliveryState.PENDING else None
+        outcomes = [failed_attempt(d, next_at=next_at, state=state) for d in claimed]
+    await harness.store.record(outcomes, {})
+    return claimed
+
+
+async def test_prune_deletes_final_deliveries_with_their_attempts_after_retention(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    [old_ok] = await deliver(harness, 1, DeliveryState.SUCCEEDED)
+    [old_dead] = await deliver(harness, 1, DeliveryState.FAILED)
+    [waiting] = await deliver(harness, 1, DeliveryState.PENDING)
+    cut = now_and_later()
+    [new_ok] = await deliver(harness, 1, DeliveryState.SUCCEEDED)
+    [new_dead] = await deliver(harness, 1, DeliveryState.FAILED)
+
+    counts = await prune(harness, cutoffs(succeeded=cut, failed=cut))
+
+    assert (counts.deliveries_succeeded, counts.deliveries_failed, counts.attempts) == (1, 1, 2)
+    assert (counts.events, counts.outbox, counts.quarantine) == (0, 0, 0)  # outbox: kept forever
+    assert await store.get_delivery(old_ok.delivery_id) is None
+    assert await store.get_delivery(old_dead.delivery_id) is None
+    kept = {d.delivery_id for d in await store.list_deliveries(DeliveryFilter())}
+    assert kept == {waiting.delivery_id, new_ok.delivery_id, new_dead.delivery_id}
+    for delivery in (waiting, new_ok, new_dead):
+        record = await store.get_delivery(delivery.delivery_id)
+        assert record is not None
+        assert len(record.attempt_log) == 1  # their attempts stay with them
+    assert (await prune(harness, cutoffs(succeeded=cut, failed=cut))).total == 0
+
+
+async def test_prune_keeps_each_final_state_for_its_own_period(harness: Harness) -> None:
+    [ok] = await deliver(harness, 1, DeliveryState.SUCCEEDED)
+    [dead] = await deliver(harness, 1, DeliveryState.FAILED)
+
+    counts = await prune(harness, cutoffs(succeeded=FAR_FUTURE))  # dead letters: kept forever
+
+    assert (counts.deliveries_succeeded, counts.deliveries_failed) == (1, 0)
+    remaining = await harness.store.list_deliveries(DeliveryFilter())
+    assert [d.delivery_id for d in remaining] == [dead.delivery_id]
+    assert ok.delivery_id != dead.delivery_id
+
+
+async def test_prune_never_touches_pending_deliveries_their_events_or_unprocessed_rows(
+    harness: Harness,
+) -> None:
+    app, store = harness.app, harness.store
+    [retrying] = await deliver(harness, 1, DeliveryState.PENDING)
+    booking(app, 1)
+    await store.fan_out(planner([EP_A]), BATCH, NOW)  # pending, never attempted
+    app.insert_outbox("booking.created", '{"id":"late"}', occurred_at="2020-01-01T00:00:00Z")
+    everything = cutoffs(succeeded=FAR_FUTURE, failed=FAR_FUTURE, outbox=FAR_FUTURE)
+
+    counts = await prune(harness, everything)
+
+    assert counts.outbox == 2  # the two fanned-out rows: their events keep the bodies
+    assert counts.total == 2
+    assert await store.pending_counts() == {"a": 2}
+    due = await store.claim_due("a", FAR_FUTURE, 10)  # the events are still there to send
+    assert len(due) == 2
+    assert retrying.delivery_id in {d.delivery_id for d in due}
+    assert all(b'"event":"booking.created"' in d.body for d in due)
+    assert await store.oldest_unprocessed() == "2020-01-01T00:00:00Z"
+    assert (await store.fan_out(planner([EP_A]), BATCH, NOW)).rows == 1
+
+
+async def test_prune_deletes_events_once_they_have_no_deliveries_and_are_old(
+    harness: Harness,
+) -> None:
+    app, store = harness.app, harness.store
+    app.insert_outbox("booking.created", '{"id":"b1"}', event_id="evt_delivered")
+    app.insert_outbox("payment.succeeded", '{"id":"p1"}', event_id="evt_unrouted")  # not EP_A's
+    app.insert_outbox("booking.created", '{"id":"b2"}', event_id="evt_waiting")
+    await store.fan_out(planner([EP_A]), BATCH, NOW)
+    claimed = {d.event_id: d for d in await store.claim_due("a", NOW, 10)}
+    await store.record(
+        [
+            succeeded_attempt(claimed["evt_delivered"]),
+            failed_attempt(claimed["evt_waiting"], next_at=FAR_FUTURE),
+        ],
+        {},
+    )
+    app.insert_outbox("payment.succeeded", '{"id":"p2"}', event_id="evt_recent")
+    await store.fan_out(planner([EP_A], NOW + 100), BATCH, NOW + 100)
+
+    counts = await prune(harness, cutoffs(succeeded=FAR_FUTURE, outbox=NOW + 50))
+
+    assert (counts.deliveries_succeeded, counts.events, counts.outbox) == (1, 2, 3)
+    # An event id is recognised as a duplicate only while its event is kept.
+    for event_id in ("evt_delivered", "evt_unrouted", "evt_waiting"):
+        app.insert_outbox("payment.succeeded", '{"id":"again"}', event_id=event_id)
+    result = await store.fan_out(planner([EP_A], NOW + 200), BATCH, NOW + 200)
+    assert [(q.event_id, q.reason) for q in result.quarantined] == [
+        ("evt_waiting", "duplicate_event_id")
+    ]
+    assert result.events == 2
+    with pytest.raises(sqlite3.IntegrityError):  # evt_recent's outbox row is still there
+        app.insert_outbox("payment.succeeded", "{}", event_id="evt_recent")
+
+
+async def test_prune_deletes_processed_outbox_and_quarantine_rows_after_retention(
+    harness: Harness,
+) -> None:
+    app, store = harness.app, harness.store
+    booking(app, 1)
+    app.insert_outbox("booking.created", "{not json")
+    await store.fan_out(planner([EP_A]), BATCH, NOW)
+    later_bad = app.insert_outbox("booking.created", "{not json either")
+    booking(app, 1)
+    await store.fan_out(planner([EP_A], NOW + 100), BATCH, NOW + 100)
+    app.insert_outbox("booking.created", '{"id":"late"}', occurred_at="2020-01-01T00:00:00Z")
+
+    counts = await prune(harness, cutoffs(outbox=NOW + 50))
+
+    assert (counts.outbox, counts.quarantine, counts.events) == (2, 1, 0)  # events: pending
+    assert [q.outbox_id for q in await store.list_quarantine(10)] == [later_bad]
+    counts = await prune(harness, cutoffs(outbox=FAR_FUTURE))
+    assert (counts.outbox, counts.quarantine) == (2, 1)
+    assert await store.list_quarantine(10) == []
+    assert await store.oldest_unprocessed() == "2020-01-01T00:00:00Z"  # not fanned out: kept
+    assert (await store.fan_out(planner([EP_A]), BATCH, NOW + 200)).rows == 1
+
+
+async def test_prune_deletes_in_transactions_of_batch_size_rows(harness: Harness) -> None:
+    store = harness.store
+    await deliver(harness, 25, DeliveryState.SUCCEEDED)
+    backend = store.backend
+    assert await backend.prune_deliveries(DeliveryState.SUCCEEDED, FAR_FUTURE, 10) == (10, 10)
+    assert await backend.prune_outbox(FAR_FUTURE, 4) == 4
+
+    counts = await prune(harness, cutoffs(succeeded=FAR_FUTURE, outbox=FAR_FUTURE), batch_size=10)
+
+    assert counts.by_kind() == {
+        "deliveries_succeeded": 15,
+        "deliveries_failed": 0,
+        "attempts": 15,
+        "events": 25,
+        "outbox": 21,
+        "quarantine": 0,
+    }
+    # outbox 10 + 10 + 1, deliveries 10 + 5, events 10 + 10 + 5
+    assert (counts.batches, counts.complete) == (8, True)
+    assert await store.list_deliveries(DeliveryFilter()) == []
+    assert await backend.prune_events(FAR_FUTURE, 0, 10) == (0, None)
+
+
+async def test_a_stop_request_ends_a_prune_between_batches(harness: Harness) -> None:
+    store = harness.store
+    await deliver(harness, 3, DeliveryState.SUCCEEDED)
+    stop = asyncio.Event()
+
+    async def stop_after_the_first_batch() -> None:
+        for _ in range(10_000):  # bounded: 10 s
+            if len(await store.list_deliveries(DeliveryFilter())) < 3:
+                break
+            await asyncio.sleep(0.001)
+        stop.set()
+
+    stopper = asyncio.create_task(stop_after_the_first_batch())
+    # The pause between batches is long: only the stop request can end it early.
+    counts = await store.prune(cutoffs(succeeded=FAR_FUTURE), 1, pause_seconds=60, stop=stop)
+    await stopper
+
+    assert (counts.deliveries_succeeded, counts.batches, counts.complete) == (1, 1, False)
+    assert len(await store.list_deliveries(DeliveryFilter())) == 2
+
+
+async def test_changes_moves_on_every_commit_and_keeps_no_memory(harness: Harness) -> None:
+    app, store = harness.app, harness.store
+    await store.outbox_changed()
+    first = await store.changes()
+    assert await store.changes() == first
+
+    booking(app, 1)
+    by_app = await store.changes()
+    assert by_app != first
+    assert await store.changes() == by_app
+    assert await store.outbox_changed()  # watching changes() takes nothing from fan-out
+    await store.fan_out(planner([EP_A]), BATCH, NOW)
+    assert await store.changes() != by_app  # webhookd's own commits count too
+
+
+async def test_a_checkpoint_after_writes_completes(harness: Harness) -> None:
+    booking(harness.app, 5)
+    await harness.store.fan_out(planner(), BATCH, NOW)
+    for truncate in (False, True):
+        result = await harness.store.checkpoint(truncate=truncate)
+        assert (result.busy, result.done) == (False, True)
+
+
+# -- administration (`webhookd endpoints|deliveries|events|stats`) ---------------------------
+
+SHOP_ROW: Mapping[str, object] = {"id": "shop", "url": "https://shop.example/h", "secret": "s1"}
+
+
+def attempt_outcome(
+    d: Delivery,
+    *,
+    started_at: float,
+    duration: float = 0.1,
+    ok: bool = True,
+    error: str = "HTTP 500",
+    next_at: float | None = None,
+) -> AttemptOutcome:
+    """An attempt at ``started_at``: a success, else a failure that leaves the delivery pending
+    until ``next_at`` (or failed for good without one)."""
+    if ok:
+        state = DeliveryState.SUCCEEDED
+    else:
+        state = DeliveryState.FAILED if next_at is None else DeliveryState.PENDING
+    return AttemptOutcome(
+        delivery_pk=d.pk,
+        attempt_no=d.attempts + 1,
+        started_at=started_at,
+        duration_seconds=duration,
+        result=AttemptResult.SUCCESS if ok else AttemptResult.HTTP_ERROR,
+        status_code=200 if ok else 500,
+        error=None if ok else error,
+        response_excerpt=None,
+        new_state=state,
+        next_attempt_at=next_at,
+    )
+
+
+async def test_endpoint_rows_are_created_updated_and_removed(harness: Harness) -> None:
+    store = harness.store
+    v0 = await store.endpoints_version()
+    assert await store.create_endpoint({**SHOP_ROW, "events": '["booking.*"]', "enabled": 0})
+    # An existing id is refused and nothing is overwritten.
+    assert not await store.create_endpoint({**SHOP_ROW, "url": "https://other.example/h"})
+    [row] = await store.table_endpoints()
+    assert row == {**ENDPOINT_DEFAULTS, **SHOP_ROW, "events": '["booking.*"]', "enabled": 0}
+    v1 = await store.endpoints_version()
+    assert v1 > v0  # a running daemon picks the new row up
+
+    assert await store.update_endpoint({**row, "enabled": 1, "tenant": "org_1"})
+    [row] = await store.table_endpoints()
+    assert (row["enabled"], row["tenant"], row["url"]) == (1, "org_1", SHOP_ROW["url"])
+    assert await store.endpoints_version() > v1
+    assert not await store.update_endpoint({**SHOP_ROW, "id": "nope"})
+    assert len(await store.table_endpoints()) == 1
+
+    removal = await store.remove_endpoint("shop", force=False)
+    assert (removal.found, removal.removed, removal.pending) == (True, True, 0)
+    assert await store.table_endpoints() == []
+    missing = await store.remove_endpoint("shop", force=True)
+    assert (missing.found, missing.removed) == (False, False)
+
+
+async def test_an_endpoint_with_pending_deliveries_is_removed_only_with_force(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    await store.create_endpoint({**SHOP_ROW, "id": "a"})
+    booking(harness.app, 2)
+    await store.fan_out(planner([EP_A]), BATCH, NOW)
+
+    refused = await store.remove_endpoint("a", force=False)
+    assert (refused.found, refused.removed, refused.pending) == (True, False, 2)
+    assert [r["id"] for r in await store.table_endpoints()] == ["a"]
+
+    forced = await store.remove_endpoint("a", force=True)
+    assert (forced.found, forced.removed, forced.pending) == (True, True, 2)
+    assert await store.table_endpoints() == []
+    assert await store.pending_counts() == {"a": 2}  # kept, not dropped
+
+
+async def test_requeue_makes_a_dead_letter_due_with_a_fresh_schedule(harness: Harness) -> None:
+    store = harness.store
+    booking(harness.app, 2)
+    await store.fan_out(planner([EP_A]), BATCH, NOW)
+    dead, done = await store.claim_due("a", NOW, 10)
+    await store.record(
+        [failed_attempt(dead, next_at=None, state=DeliveryState.FAILED), succeeded_attempt(done)],
+        {},
+    )
+    version = await store.requeued_version()
+    later = NOW + 500
+
+    changed = await store.requeue(
+        [dead.delivery_id, done.delivery_id, "dlv_missing"], later, {"failed"}
+    )
+
+    assert changed == [dead.delivery_id]  # the succeeded one is not in the states asked for
+    assert await store.requeued_version() != version
+    rec = await store.get_delivery(dead.delivery_id)
+    assert rec is not None
+    assert (rec.state, rec.attempts, rec.next_attempt_at) == ("pending", 1, later)
+    assert (rec.retried_at, rec.attempts_before_retry) == (later, 1)
+    assert [a.attempt_no for a in rec.attempt_log] == [1]  # its history stays
+    still_done = await store.get_delivery(done.delivery_id)
+    assert still_done is not None
+    assert still_done.state == "succeeded"
+    assert await store.claim_due("a", later - 1, 10) == []
+
+    [again] = await store.claim_due("a", later, 10)
+    assert (again.pk, again.attempts, again.created_at) == (dead.pk, 1, NOW)
+    assert (again.attempts_before_schedule, again.schedule_start) == (1, later)
+    await store.record([failed_attempt(again, next_at=later + 5)], {})
+    rec = await store.get_delivery(dead.delivery_id)
+    assert rec is not None
+    assert [a.attempt_no for a in rec.attempt_log] == [1, 2]  # attempt numbers go on
+
+    version = await store.requeued_version()
+    assert await store.requeue([done.delivery_id], later, {"failed"}) == []
+    assert await store.requeued_version() == version  # nothing changed: no wake-up
+    replay = await store.requeue([done.delivery_id], later, {"failed", "succeeded"})
+    assert replay == [done.delivery_id]
+    assert await store.pending_counts() == {"a": 2}
+
+
+async def test_a_delivery_never_retried_keeps_its_original_schedule(harness: Harness) -> None:
+    store = harness.store
+    booking(harness.app, 1)
+    await store.fan_out(planner([EP_A]), BATCH, NOW)
+    [d] = await store.claim_due("a", NOW, 10)
+    assert (d.attempts_before_schedule, d.schedule_started_at, d.schedule_start) == (0, None, NOW)
+    [rec] = await store.list_deliveries(DeliveryFilter())
+    assert (rec.retried_at, rec.attempts_before_retry) == (None, 0)
+
+
+async def test_endpoint_health_over_a_window(harness: Harness) -> None:
+    store = harness.store
+    booking(harness.app, 20)
+    await store.fan_out(planner([EP_A, EP_B]), BATCH, NOW)
+    a_all = await store.claim_due("a", NOW, 100)
+    b_all = await store.claim_due("b", NOW, 100)
+    # a: durations 0.01 .. 0.20 s in the window; the last five fail for good.
+    outcomes = [
+        attempt_outcome(d, started_at=NOW + 100 + i, duration=(i + 1) / 100, ok=i < 15,
+                        error=f"HTTP 500 #{i}")
+        for i, d in enumerate(a_all)
+    ]  # fmt: skip
+    # b: one failure long before the window, then 18 fast and 2 slow successes in it.
+    outcomes.append(
+        attempt_outcome(b_all[0], started_at=NOW - 10_000, ok=False, error="refused", next_at=NOW)
+    )
+    outcomes += [
+        attempt_outcome(d, started_at=NOW + 200 + i, duration=0.5 if i < 17 else 2.0)
+        for i, d in enumerate(b_all[1:])
+    ]
+    await store.record(outcomes, {})
+    [b_first] = await store.claim_due("b", NOW, 10)
+    await store.record([attempt_outcome(b_first, started_at=NOW + 300, duration=0.5)], {})
+
+    health = await store.endpoint_health(NOW)
+
+    assert set(health) == {"a", "b"}
+    a, b = health["a"], health["b"]
+    assert (a.attempts, a.succeeded, a.success_rate) == (20, 15, 0.75)
+    assert a.p95_seconds == 19 / 100  # nearest rank: the 19th of 20
+    assert (a.last_error, a.last_error_status, a.last_error_at) == ("HTTP 500 #19", 500, NOW + 119)
+    assert a.pending == 0
+    assert (b.attempts, b.succeeded, b.p95_seconds) == (20, 20, 2.0)
+    # The last error is reported even when it is older than the window.
+    assert (b.last_error, b.last_error_at, b.pending) == ("refused", NOW - 10_000, 0)
+
+    assert await store.endpoint_health(NOW + 1000) == {
+        "a": replace(a, attempts=0, succeeded=0, p95_seconds=None),
+        "b": replace(b, attempts=0, succeeded=0, p95_seconds=None),
+    }
+
+
+async def test_endpoint_health_counts_pending_deliveries_of_every_endpoint(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    booking(harness.app, 3)
+    await store.fan_out(planner([EP_A]), BATCH, NOW)
+    [d, *_] = await store.claim_due("a", NOW, 10)
+    await store.record([attempt_outcome(d, started_at=NOW, duration=0.25)], {})
+    health = await store.endpoint_health(NOW)
+    assert (health["a"].pending, health["a"].attempts, health["a"].p95_seconds) == (2, 1, 0.25)
+    assert health["a"].last_error_at is None
+
+
+async def test_list_deliveries_by_creation_time(harness: Harness) -> None:
+    store = harness.store
+    booking(harness.app, 1)
+    await store.fan_out(planner([EP_A]), BATCH, NOW)
+    booking(harness.app, 1)
+    await store.fan_out(planner([EP_A]), BATCH, NOW + 100)
+
+    def created(filters: DeliveryFilter) -> list[float]:
+        return [d.created_at for d in listed[filters]]
+
+    listed = {
+        f: await store.list_deliveries(f)
+        for f in (
+            DeliveryFilter(since=NOW + 50),
+            DeliveryFilter(until=NOW + 50),
+            DeliveryFilter(since=NOW, until=NOW + 100),
+            DeliveryFilter(since=NOW + 100, until=NOW + 100),
+            DeliveryFilter(limit=-1),
+        )
+    }
+    assert created(DeliveryFilter(since=NOW + 50)) == [NOW + 100]
+    assert created(DeliveryFilter(until=NOW + 50)) == [NOW]
+    assert created(DeliveryFilter(since=NOW, until=NOW + 100)) == [NOW]  # until is exclusive
+    assert created(DeliveryFilter(since=NOW + 100, until=NOW + 100)) == []
+    assert created(DeliveryFilter(limit=-1)) == [NOW + 100, NOW]
+
+
+async def test_an_event_is_found_by_id_with_its_quarantined_and_waiting_rows(
+    harness: Harness,
+) -> None:
+    app, store = harness.app, harness.store
+    first = app.insert_outbox(
+        "booking.created",
+        '{"id":"b1"}',
+        event_id="evt_1",
+        tenant="org_1",
+        occurred_at="2024-01-15T10:00:00Z",
+    )
+    bad = app.insert_outbox("booking.created", "{not json", event_id="evt_bad")
+    await store.fan_out(planner(), BATCH, NOW)
+    # The application pruned its outbox row, then wrote the same event id again.
+    app.delete_outbox(first)
+    again = app.insert_outbox("booking.created", '{"id":"b1"}', event_id="evt_1")
+    waiting = app.insert_outbox("booking.created", '{"id":"b2"}', event_id="evt_later")
+
+    event = await store.get_event("evt_1")
+    assert event is not None
+    assert (event.event_id, event.event_type, event.tenant) == ("evt_1", "booking.created", "org_1")
+    assert (event.occurred_at, event.outbox_id, event.created_at) == (
+        "2024-01-15T10:00:00Z",
+        first,
+        NOW,
+    )
+    assert await store.get_event("evt_bad") is None
+    assert [(q.outbox_id, q.reason) for q in await store.quarantined_event("evt_bad")] == [
+        (bad, "invalid_json")
+    ]
+    assert await store.unprocessed_outbox_id("evt_later") == waiting
+    assert await store.unprocessed_outbox_id("evt_1") == again
+    assert await store.unprocessed_outbox_id("evt_nope") is None
+
+    await store.fan_out(planner(), BATCH, NOW + 1)
+    assert await store.unprocessed_outbox_id("evt_later") is None
+    assert await store.get_event("evt_later") is not None
+    assert [(q.outbox_id, q.reason) for q in await store.quarantined_event("evt_1")] == [
+        (again, "duplicate_event_id")
+    ]
+    assert await store.quarantined_event("evt_nope") == []
+
+
+async def test_stats_backlog_rates_and_failures_by_endpoint(harness: Harness) -> None:
+    app, store = harness.app, harness.store
+    booking(app, 3)
+    app.insert_outbox("Not A Type", "{}")
+    await store.fan_out(planner([EP_A, EP_B]), BATCH, NOW)
+    app.insert_outbox("booking.created", "{}", occurred_at="2024-01-15T10:00:00Z")
+    app.insert_outbox("booking.created", "{}", occurred_at="2024-01-15T11:00:00Z")
+    ok, dead, retrying = await store.claim_due("a", NOW, 10)
+    [b_failed] = await store.claim_due("b", NOW, 1)
+    await store.record(
+        [
+            attempt_outcome(ok, started_at=NOW + 10),
+            attempt_outcome(dead, started_at=NOW + 11, ok=False),
+            attempt_outcome(retrying, started_at=NOW + 12, ok=False, next_at=NOW + 100),
+            attempt_outcome(b_failed, started_at=NOW - 5000, ok=False, next_at=NOW + 100),
+        ],
+        {},
+    )
+
+    stats = await store.stats(NOW + 50, NOW, 10)
+
+    assert stats.since == NOW
+    assert (stats.outbox_unprocessed, stats.oldest_unprocessed) == (2, "2024-01-15T10:00:00Z")
+    assert (stats.pending, stats.due) == (4, 2)  # b's two untried ones are due
+    assert (stats.attempts, stats.attempts_succeeded, stats.attempts_failed) == (3, 1, 2)
+    assert (stats.deliveries_succeeded, stats.deliveries_failed) == (1, 1)
+    assert stats.quarantined == 1
+    assert stats.failures_by_endpoint == (("a", 2),)  # b's failure is older than the window
+
+    wide = await store.stats(NOW + 50, NOW - 10_000, 10)
+    assert wide.failures_by_endpoint == (("a", 2), ("b", 1))
+    assert (await store.stats(NOW + 50, NOW - 10_000, 1)).failures_by_endpoint == (("a", 2),)
+    later = await store.stats(NOW + 1000, NOW + 1000, 10)
+    assert (later.due, later.attempts, later.quarantined) == (4, 0, 0)

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from webhookd.cli import daemon, deliveries, endpoints, events, outbox, verify
+from webhookd.cli import daemon, deliveries, endpoints, events, outbox, stats, verify
 from webhookd.cli.common import EXIT_FAILURE, EXIT_USAGE, Parents, run_async
 from webhookd.errors import ConfigError, PayloadError, WebhookdError
 from webhookd.settings import CONFIG_ENV_VAR
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.register(sub, parents)
     endpoints.register(sub, parents)
     deliveries.register(sub, parents)
+    stats.register(sub, parents)
     events.add_events_parser(sub, [common], listing)
     add_send_test_parser(sub, [common])
     verify.add_verify_parser(sub, [common])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ from webhookd.cli.common import (
     settings_from_args,
 )
 from webhookd.retry import RetryPolicy, schedule
+from webhookd.settings import CONFIG_ENV_VAR
 from webhookd.store import open_store
 
 
@@ -69,9 +71,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     log.configure(settings.log.level, settings.log.format)
+    # The file a SIGHUP re-reads: the one settings_from_args read.
+    config_path = getattr(args, "config", None) or os.environ.get(CONFIG_ENV_VAR) or None
 
     async def go() -> None:
-        await Daemon(settings).run(install_signal_handlers=True)
+        await Daemon(settings, config_path=config_path).run(install_signal_handlers=True)
 
     run_async(go())
     return EXIT_OK

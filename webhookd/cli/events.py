@@ -1,7 +1,9 @@
-"""``webhookd events list|show``: the event catalogue, as receivers' developers need it.
+"""``webhookd events list|show``: the event catalogue, as receivers' developers need it, and
+where one event went.
 
 webhookd events list [--json]          # types, descriptions, fields with types
 webhookd events show booking.created   # the example body, as the receiver gets it
+webhookd events show EVENT_ID [--json] # that event, and each delivery with every attempt
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 from webhookd import canonical_json
 from webhookd.catalogue import CATALOGUE, CatalogueEntry
+from webhookd.cli.event_trace import show_event
+from webhookd.errors import NotFoundError, WebhookdError
 from webhookd.events import build_body
 
 EXIT_OK = 0
@@ -64,12 +68,19 @@ def add_events_parser(
     p.set_defaults(func=cmd_events_list)
     p = sub.add_parser(
         "show",
-        help="an event type's example, as the receiver gets it",
-        description="Print an event type's example body (the full envelope) as the receiver "
-        "gets it, pretty-printed.",
-        parents=list(common_parents),
+        help="an event type's example, or where an event went (by its id)",
+        description="Given an event type of the catalogue: print its example body (the full "
+        "envelope) as the receiver gets it, pretty-printed. Given an event id: the event and, "
+        "for each endpoint it went to, the delivery's state and every attempt.",
+        parents=[*common_parents, *listing],
     )
-    p.add_argument("event_type", metavar="TYPE", help="event type, e.g. booking.created")
+    if listing_parent is None:
+        p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.add_argument(
+        "event_type",
+        metavar="TYPE_OR_EVENT_ID",
+        help="event type, e.g. booking.created, or an event id",
+    )
     p.add_argument(
         "--data",
         action="store_true",
@@ -109,6 +120,21 @@ def cmd_events_show(args: argparse.Namespace) -> int:
     entry = CATALOGUE.get(args.event_type)
     if entry is None:
         hint = difflib.get_close_matches(args.event_type, list(CATALOGUE), n=1)
+        if not args.data:
+            # Not a catalogue type: an event id? (A near-miss of a type is reported as such.)
+            try:
+                shown = show_event(args)
+            except WebhookdError:
+                if not hint:
+                    raise
+                shown = None
+            if shown is not None:
+                return shown
+            if not hint:
+                raise NotFoundError(
+                    f"{args.event_type!r} is neither an event type of the catalogue nor the id "
+                    "of an event in the database (or the outbox, or the quarantine)"
+                )
         also = f" (did you mean {hint[0]}?)" if hint else ""
         print(
             f"webhookd: error: {args.event_type!r} is not in the event catalogue{also}; "

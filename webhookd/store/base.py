@@ -3,32 +3,49 @@ top of it that does the counting and logging (as saq's ``finish()`` → ``_finis
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from importlib import resources
-from typing import Protocol
+from typing import Any, Protocol
 
 from webhookd.log import log_event
-from webhookd.metrics import Metrics
+from webhookd.metrics import PRUNE_KINDS, Metrics
 from webhookd.models import (
     AttemptOutcome,
     Delivery,
     DeliveryFilter,
     DeliveryRecord,
     DeliveryState,
+    EndpointHealth,
+    EndpointRemoval,
     Event,
+    EventRecord,
     FanoutPlan,
     FanoutResult,
     OutboxRow,
     PlannedEvent,
     Quarantined,
     QuarantineRecord,
+    StoreStats,
 )
+from webhookd.retention import CheckpointResult, PruneCounts, RetentionCutoffs
 
 logger = logging.getLogger("webhookd.store")
 
+# Between two pruning transactions the store pauses this long, or PRUNE_PAUSE_FACTOR times as
+# long as the transaction took: the application's writers wait for the lock in a busy handler
+# that polls (every 1 ms at first, every 100 ms after a while), so a pass that took the lock
+# again at once could keep them waiting until their busy timeout.
+PRUNE_PAUSE_SECONDS = 0.05
+PRUNE_PAUSE_FACTOR = 4.0
+
 Planner = Callable[[Sequence[OutboxRow]], FanoutPlan]
+# One batch of one kind of pruning: ({kind: rows deleted}, whether there may be more).
+_PruneStep = Callable[[], Awaitable[tuple[dict[str, int], bool]]]
 
 
 class StoreBackend(Protocol):
@@ -92,6 +109,132 @@ class StoreBackend(Protocol):
     async def list_deliveries(self, filters: DeliveryFilter) -> list[DeliveryRecord]: ...
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None: ...
     async def list_quarantine(self, limit: int) -> list[QuarantineRecord]: ...
+
+    # -- retention (see webhookd.retention) --------------------------------------------------
+
+    async def prune_deliveries(
+        self, state: DeliveryState, updated_before: float, limit: int
+    ) -> tuple[int, int]:
+        """In one write transaction, delete up to ``limit`` deliveries in the final ``state``
+        last updated before ``updated_before``, oldest first, with their attempts. Returns
+        (deliveries, attempts) deleted."""
+        ...
+
+    async def prune_events(
+        self, created_before: float, after_pk: int, limit: int
+    ) -> tuple[int, int | None]:
+        """In one write transaction, delete up to ``limit`` events fanned out before
+        ``created_before`` that have no deliveries left, looking at events after ``after_pk``
+        in pk order. Returns how many were deleted and the pk to go on after, or None when
+        there is nothing more to look at."""
+        ...
+
+    async def prune_outbox(self, processed_before: float, limit: int) -> int:
+        """In one write transaction, delete up to ``limit`` of the oldest outbox rows fanned out
+        before ``processed_before``; never a row past the cursor (not fanned out yet)."""
+        ...
+
+    async def prune_quarantine(self, quarantined_before: float, limit: int) -> int:
+        """In one write transaction, delete up to ``limit`` of the oldest quarantine rows
+        quarantined before ``quarantined_before``."""
+        ...
+
+    async def changes(self) -> int:
+        """A number that moves whenever anything is committed to the database, by anyone.
+        Unlike outbox_changed() it keeps no memory, so any number of callers may watch it."""
+        ...
+
+    async def checkpoint(self, *, truncate: bool) -> CheckpointResult:
+        """Copy the WAL into the database file without waiting for anyone (PASSIVE); then, with
+        ``truncate`` and when that copied everything, empty the WAL file (TRUNCATE), giving up
+        at once (busy) rather than keep the application waiting."""
+        ...
+
+    # -- administration (`webhookd endpoints|deliveries|events|stats`) ------------------------
+
+    async def create_endpoint(self, row: Mapping[str, object]) -> bool:
+        """INSERT a webhook_endpoints row with every column of ENDPOINT_ROW_COLUMNS; False
+        (and nothing written) when a row with that id exists."""
+        ...
+
+    async def update_endpoint(self, row: Mapping[str, object]) -> bool:
+        """Overwrite the row with ``row["id"]`` (every column of ENDPOINT_ROW_COLUMNS); False
+        when there is none."""
+        ...
+
+    async def remove_endpoint(self, endpoint_id: str, *, force: bool) -> EndpointRemoval:
+        """DELETE the row, unless the endpoint has pending deliveries and not ``force``.
+        The check and the delete are one transaction. Deliveries are never touched."""
+        ...
+
+    async def endpoint_health(self, since: float) -> dict[str, EndpointHealth]:
+        """Per endpoint id with attempts, pending deliveries or a failed attempt: attempts and
+        successes since ``since``, their p95 duration, the latest failed attempt (any time),
+        pending deliveries."""
+        ...
+
+    async def requeue(
+        self, delivery_ids: Sequence[str], now: float, states: Collection[str]
+    ) -> list[str]:
+        """Make the deliveries among ``delivery_ids`` whose state is in ``states`` pending and
+        due at ``now`` with a fresh retry schedule (attempt numbers go on). Moves
+        ``requeued_version`` when any changed. Returns the ids changed."""
+        ...
+
+    async def requeued_version(self) -> int:
+        """A counter that ``requeue`` moves: the daemon wakes its workers when it changes."""
+        ...
+
+    async def get_event(self, event_id: str) -> EventRecord | None: ...
+    async def quarantined_event(self, event_id: str) -> list[QuarantineRecord]:
+        """Quarantined outbox rows that carried ``event_id``, oldest first."""
+        ...
+
+    async def unprocessed_outbox_id(self, event_id: str) -> int | None:
+        """The id of the outbox row with ``event_id`` if it is not fanned out yet."""
+        ...
+
+    async def stats(self, now: float, since: float, top: int) -> StoreStats: ...
+
+
+# Every column that the admin commands write in webhook_endpoints, with the schema's defaults.
+ENDPOINT_ROW_COLUMNS: tuple[str, ...] = (
+    "id",
+    "url",
+    "secret",
+    "events",
+    "tenant",
+    "enabled",
+    "max_concurrency",
+    "headers",
+    "description",
+    "signature_schemes",
+    "previous_secret",
+    "previous_secret_expires_at",
+)
+ENDPOINT_ROW_DEFAULTS: Mapping[str, object] = {
+    "events": "*",
+    "tenant": None,
+    "enabled": 1,
+    "max_concurrency": None,
+    "headers": None,
+    "description": "",
+    "signature_schemes": "seed",
+    "previous_secret": None,
+    "previous_secret_expires_at": None,
+}
+
+
+def endpoint_row(row: Mapping[str, object]) -> dict[str, object]:
+    """``row`` with the schema's defaults for absent columns; unknown columns are refused."""
+    unknown = set(row) - set(ENDPOINT_ROW_COLUMNS)
+    if unknown:
+        raise ValueError(f"webhook_endpoints has no column(s) {sorted(unknown)}")
+    for column in ("id", "url", "secret"):
+        if row.get(column) is None:
+            raise ValueError(f"an endpoint row needs {column}")
+    values = {**ENDPOINT_ROW_DEFAULTS, **row}
+    return {c: values[c] for c in ENDPOINT_ROW_COLUMNS}
 
 
 class Store:
@@ -205,7 +348,7 @@ class Store:
             logging.INFO,
             "test_send_recorded",
             endpoint=endpoint_id,
-            delivery=delivery_id,
+            delivery_id=delivery_id,
             event_type=event.event_type,
             outcome=outcome.new_state.value,
         )
@@ -221,6 +364,178 @@ class Store:
 
     async def list_quarantine(self, limit: int) -> list[QuarantineRecord]:
         return await self.backend.list_quarantine(limit)
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def prune(
+        self,
+        cutoffs: RetentionCutoffs,
+        batch_size: int,
+        *,
+        pause_seconds: float = PRUNE_PAUSE_SECONDS,
+        stop: asyncio.Event | None = None,
+    ) -> PruneCounts:
+        """Delete what ``cutoffs`` allow, at most ``batch_size`` rows (deliveries with their
+        attempts) per write transaction, pausing between transactions (PRUNE_PAUSE_SECONDS)
+        so that the application's writers get the lock. ``stop`` ends the pass early."""
+        started = time.monotonic()
+        counts = dict.fromkeys(PRUNE_KINDS, 0)
+        batches = 0
+        complete = True
+        for step in self._prune_steps(cutoffs, batch_size):
+            more = True
+            while more:
+                if stop is not None and stop.is_set():
+                    complete = False
+                    break
+                t0 = time.monotonic()
+                deleted, more = await step()
+                if any(deleted.values()):
+                    batches += 1
+                for kind, n in deleted.items():
+                    counts[kind] += n
+                    if self.metrics is not None and n:
+                        self.metrics.pruned_rows.labels(kind=kind).inc(n)
+                if more:
+                    pause = max(pause_seconds, PRUNE_PAUSE_FACTOR * (time.monotonic() - t0))
+                    await _pause(pause, stop)
+            if not complete:
+                break
+        result = PruneCounts(**counts, batches=batches, complete=complete)
+        if result.total:
+            fields: dict[str, Any] = {
+                **result.by_kind(),
+                "batches": batches,
+                "complete": complete,
+                "seconds": round(time.monotonic() - started, 3),
+            }
+            log_event(logger, logging.INFO, "pruned", **fields)
+        return result
+
+    def _prune_steps(self, cutoffs: RetentionCutoffs, limit: int) -> list[_PruneStep]:
+        """One step per kind, each deleting one batch: ({kind: rows deleted}, more to do).
+        Events go last, so that the deliveries deleted before them free their events."""
+        b = self.backend
+        steps: list[_PruneStep] = []
+
+        def deliveries(state: DeliveryState, before: float) -> _PruneStep:
+            async def step() -> tuple[dict[str, int], bool]:
+                n, attempts = await b.prune_deliveries(state, before, limit)
+                return {f"deliveries_{state.value}": n, "attempts": attempts}, n >= limit
+
+            return step
+
+        def rows(
+            kind: str, prune: Callable[[float, int], Awaitable[int]], before: float
+        ) -> _PruneStep:
+            async def step() -> tuple[dict[str, int], bool]:
+                n = await prune(before, limit)
+                return {kind: n}, n >= limit
+
+            return step
+
+        def events(before: float) -> _PruneStep:
+            after = 0
+
+            async def step() -> tuple[dict[str, int], bool]:
+                nonlocal after
+                n, next_after = await b.prune_events(before, after, limit)
+                after = next_after if next_after is not None else after
+                return {"events": n}, next_after is not None
+
+            return step
+
+        if cutoffs.outbox_before is not None:
+            steps.append(rows("outbox", b.prune_outbox, cutoffs.outbox_before))
+            steps.append(rows("quarantine", b.prune_quarantine, cutoffs.outbox_before))
+        if cutoffs.succeeded_before is not None:
+            steps.append(deliveries(DeliveryState.SUCCEEDED, cutoffs.succeeded_before))
+        if cutoffs.failed_before is not None:
+            steps.append(deliveries(DeliveryState.FAILED, cutoffs.failed_before))
+        if cutoffs.outbox_before is not None:
+            steps.append(events(cutoffs.outbox_before))
+        return steps
+
+    async def changes(self) -> int:
+        return await self.backend.changes()
+
+    async def checkpoint(self, *, truncate: bool) -> CheckpointResult:
+        result = await self.backend.checkpoint(truncate=truncate)
+        log_event(
+            logger,
+            logging.DEBUG,
+            "wal_checkpoint",
+            mode=result.mode,
+            busy=result.busy,
+            wal_frames=result.wal_frames,
+            checkpointed_frames=result.checkpointed_frames,
+            wal_bytes=result.wal_bytes,
+        )
+        return result
+
+    # -- administration ----------------------------------------------------------------------
+
+    async def create_endpoint(self, row: Mapping[str, object]) -> bool:
+        full = endpoint_row(row)
+        created = await self.backend.create_endpoint(full)
+        if created:
+            log_event(logger, logging.INFO, "endpoint_created", endpoint=full["id"])
+        return created
+
+    async def update_endpoint(self, row: Mapping[str, object]) -> bool:
+        full = endpoint_row(row)
+        updated = await self.backend.update_endpoint(full)
+        if updated:
+            log_event(logger, logging.INFO, "endpoint_updated", endpoint=full["id"])
+        return updated
+
+    async def remove_endpoint(self, endpoint_id: str, *, force: bool) -> EndpointRemoval:
+        removal = await self.backend.remove_endpoint(endpoint_id, force=force)
+        if removal.removed:
+            log_event(
+                logger,
+                logging.INFO,
+                "endpoint_removed",
+                endpoint=endpoint_id,
+                pending_left=removal.pending,
+            )
+        return removal
+
+    async def endpoint_health(self, since: float) -> dict[str, EndpointHealth]:
+        return await self.backend.endpoint_health(since)
+
+    async def requeue(
+        self, delivery_ids: Sequence[str], now: float, states: Collection[str]
+    ) -> list[str]:
+        if not delivery_ids:
+            return []
+        changed = await self.backend.requeue(delivery_ids, now, states)
+        if changed:
+            log_event(logger, logging.INFO, "deliveries_requeued", count=len(changed))
+        return changed
+
+    async def requeued_version(self) -> int:
+        return await self.backend.requeued_version()
+
+    async def get_event(self, event_id: str) -> EventRecord | None:
+        return await self.backend.get_event(event_id)
+
+    async def quarantined_event(self, event_id: str) -> list[QuarantineRecord]:
+        return await self.backend.quarantined_event(event_id)
+
+    async def unprocessed_outbox_id(self, event_id: str) -> int | None:
+        return await self.backend.unprocessed_outbox_id(event_id)
+
+    async def stats(self, now: float, since: float, top: int) -> StoreStats:
+        return await self.backend.stats(now, since, top)
+
+
+async def _pause(seconds: float, stop: asyncio.Event | None) -> None:
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def decode_outbox_value(value: object) -> object:

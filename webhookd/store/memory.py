@@ -17,9 +17,10 @@ second daemon). Tests play the application's part with :meth:`MemoryBackend.inse
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
@@ -32,13 +33,18 @@ from webhookd.models import (
     DeliveryFilter,
     DeliveryRecord,
     DeliveryState,
+    EndpointHealth,
+    EndpointRemoval,
     Event,
+    EventRecord,
     FanoutResult,
     OutboxRow,
     OversizedPayload,
     PlannedEvent,
     QuarantineRecord,
+    StoreStats,
 )
+from webhookd.retention import CheckpointResult
 from webhookd.store.base import Planner, decode_outbox_value, load_migrations, split_duplicates
 
 if TYPE_CHECKING:
@@ -114,6 +120,8 @@ class _DeliveryEntry:
     updated_at: float
     last_status: int | None = None
     last_error: str | None = None
+    schedule_started_at: float | None = None  # set by requeue (`webhookd deliveries retry`)
+    attempts_before_schedule: int = 0
 
 
 @dataclass(slots=True)
@@ -133,6 +141,7 @@ class MemoryDatabase:
     endpoints: dict[str, dict[str, object]] = field(default_factory=dict)
     cursor: int = 0
     endpoints_version: int = 0
+    requeued_version: int = 0
     events: dict[int, _EventEntry] = field(default_factory=dict)
     deliveries: dict[int, _DeliveryEntry] = field(default_factory=dict)
     attempts: list[_AttemptEntry] = field(default_factory=list)
@@ -405,6 +414,8 @@ class MemoryBackend:
                     body=e.body,
                     attempts=d.attempts,
                     created_at=d.created_at,
+                    attempts_before_schedule=d.attempts_before_schedule,
+                    schedule_started_at=d.schedule_started_at,
                 )
             )
             leased.add(d.pk)
@@ -542,6 +553,8 @@ class MemoryBackend:
                 and (f.event_id is None or e.event_id == f.event_id)
                 and (f.tenant is None or e.tenant == f.tenant)
                 and (delivery_id is None or d.delivery_id == delivery_id)
+                and (f.since is None or d.created_at >= f.since)
+                and (f.until is None or d.created_at < f.until)
             ):
                 out.append(
                     DeliveryRecord(
@@ -559,6 +572,8 @@ class MemoryBackend:
                         ),
                         last_status=d.last_status,
                         last_error=d.last_error,
+                        retried_at=d.schedule_started_at,
+                        attempts_before_retry=d.attempts_before_schedule,
                     )
                 )
         return _limited(out, f.limit)
@@ -578,6 +593,242 @@ class MemoryBackend:
     async def list_quarantine(self, limit: int) -> list[QuarantineRecord]:
         db = self._db("list quarantine")
         return _limited([db.quarantine[k] for k in sorted(db.quarantine, reverse=True)], limit)
+
+    # -- retention ---------------------------------------------------------------------------
+
+    async def prune_deliveries(
+        self, state: DeliveryState, updated_before: float, limit: int
+    ) -> tuple[int, int]:
+        db = self._db(f"prune {state.value} deliveries")
+        old = sorted(
+            (
+                d
+                for d in db.deliveries.values()
+                if d.state == state and d.updated_at < updated_before
+            ),
+            key=lambda d: (d.updated_at, d.pk),
+        )
+        pks = {d.pk for d in _limited(old, limit)}
+        if not pks:
+            return 0, 0
+        kept = [a for a in db.attempts if a.delivery_pk not in pks]
+        attempts = len(db.attempts) - len(kept)
+        db.attempts = kept
+        for pk in pks:
+            del db.deliveries[pk]
+        db.commit()
+        return len(pks), attempts
+
+    async def prune_events(
+        self, created_before: float, after_pk: int, limit: int
+    ) -> tuple[int, int | None]:
+        db = self._db("find prunable events")
+        # As in SQLite: the scan stops at the first event fanned out since created_before.
+        recent = [
+            (e.created_at, e.pk) for e in db.events.values() if e.created_at >= created_before
+        ]
+        bound = min(recent)[1] if recent else math.inf
+        with_deliveries = {d.event_pk for d in db.deliveries.values()}
+        found = _limited(
+            sorted(
+                pk
+                for pk, e in db.events.items()
+                if after_pk < pk < bound
+                and e.created_at < created_before
+                and pk not in with_deliveries
+            ),
+            limit,
+        )
+        if not found:
+            return 0, None
+        for pk in found:
+            del db.events[pk]
+        db.commit()
+        return len(found), found[-1] if len(found) >= limit else None
+
+    async def prune_outbox(self, processed_before: float, limit: int) -> int:
+        db = self._db("prune outbox")
+        # As in SQLite: below the first row fanned out since processed_before, up to the cursor.
+        events = [
+            (e.created_at, e.pk, e.outbox_id)
+            for e in db.events.values()
+            if e.created_at >= processed_before and e.outbox_id is not None
+        ]
+        quarantined = [
+            (q.quarantined_at, q.outbox_id)
+            for q in db.quarantine.values()
+            if q.quarantined_at >= processed_before
+        ]
+        firsts = [min(events)[2]] if events else []
+        firsts += [min(quarantined)[1]] if quarantined else []
+        horizon = min(firsts, default=math.inf)
+        ids = _limited(sorted(i for i in db.outbox if i <= db.cursor and i < horizon), limit)
+        for outbox_id in ids:
+            del db.outbox[outbox_id]
+        if ids:
+            db.commit()
+        return len(ids)
+
+    async def prune_quarantine(self, quarantined_before: float, limit: int) -> int:
+        db = self._db("prune quarantine")
+        old = _limited(
+            sorted(
+                (q.quarantined_at, q.outbox_id)
+                for q in db.quarantine.values()
+                if q.quarantined_at < quarantined_before
+            ),
+            limit,
+        )
+        for _, outbox_id in old:
+            del db.quarantine[outbox_id]
+        if old:
+            db.commit()
+        return len(old)
+
+    async def changes(self) -> int:
+        if not self._open:
+            raise StorageError("the store is not open")
+        return self.database.data_version
+
+    async def checkpoint(self, *, truncate: bool) -> CheckpointResult:
+        if not self._open:
+            raise StorageError("the store is not open")
+        return CheckpointResult("passive", busy=False, wal_frames=0, checkpointed_frames=0)
+
+    # -- administration ----------------------------------------------------------------------
+
+    async def create_endpoint(self, row: Mapping[str, object]) -> bool:
+        db = self._db("create endpoint")
+        if str(row["id"]) in db.endpoints:
+            return False
+        self.upsert_endpoint(row)
+        return True
+
+    async def update_endpoint(self, row: Mapping[str, object]) -> bool:
+        db = self._db("update endpoint")
+        if str(row["id"]) not in db.endpoints:
+            return False
+        self.upsert_endpoint(row)
+        return True
+
+    async def remove_endpoint(self, endpoint_id: str, *, force: bool) -> EndpointRemoval:
+        db = self._db("remove endpoint")
+        if endpoint_id not in db.endpoints:
+            return EndpointRemoval(found=False, removed=False, pending=0)
+        pending = (await self.pending_counts()).get(endpoint_id, 0)
+        if pending and not force:
+            return EndpointRemoval(found=True, removed=False, pending=pending)
+        self.delete_endpoint(endpoint_id)
+        return EndpointRemoval(found=True, removed=True, pending=pending)
+
+    async def endpoint_health(self, since: float) -> dict[str, EndpointHealth]:
+        db = self._db("read endpoint health")
+        durations: dict[str, list[float]] = {}
+        succeeded: dict[str, int] = {}
+        last_error: dict[str, AttemptRecord] = {}
+        for a in db.attempts:
+            ep_id = db.deliveries[a.delivery_pk].endpoint_id
+            r = a.record
+            if r.started_at >= since:
+                durations.setdefault(ep_id, []).append(r.duration_seconds)
+                succeeded[ep_id] = succeeded.get(ep_id, 0) + (r.result == "success")
+            if r.result != "success":
+                latest = last_error.get(ep_id)
+                if latest is None or r.started_at > latest.started_at:
+                    last_error[ep_id] = r
+        pending = await self.pending_counts()
+        out: dict[str, EndpointHealth] = {}
+        for ep_id in set(durations) | set(last_error) | set(pending):
+            times = sorted(durations.get(ep_id, []))
+            err = last_error.get(ep_id)
+            out[ep_id] = EndpointHealth(
+                endpoint_id=ep_id,
+                attempts=len(times),
+                succeeded=succeeded.get(ep_id, 0),
+                p95_seconds=_nearest_rank_p95(times),
+                last_error=err.error if err else None,
+                last_error_status=err.status_code if err else None,
+                last_error_at=err.started_at if err else None,
+                pending=pending.get(ep_id, 0),
+            )
+        return dict(sorted(out.items()))
+
+    async def requeue(
+        self, delivery_ids: Sequence[str], now: float, states: Collection[str]
+    ) -> list[str]:
+        db = self._db("retry deliveries")
+        wanted = set(delivery_ids)
+        changed = []
+        for d in db.deliveries.values():
+            if d.delivery_id in wanted and d.state in states:
+                d.state = DeliveryState.PENDING.value
+                d.next_attempt_at = now
+                d.schedule_started_at = now
+                d.attempts_before_schedule = d.attempts
+                d.updated_at = now
+                changed.append(d.delivery_id)
+        if changed:
+            db.requeued_version += 1
+            db.commit()
+        return changed
+
+    async def requeued_version(self) -> int:
+        return self._db("read requeue version").requeued_version
+
+    async def get_event(self, event_id: str) -> EventRecord | None:
+        db = self._db("find event")
+        for e in db.events.values():
+            if e.event_id == event_id:
+                return EventRecord(
+                    e.event_id, e.event_type, e.tenant, e.occurred_at, e.outbox_id, e.created_at
+                )
+        return None
+
+    async def quarantined_event(self, event_id: str) -> list[QuarantineRecord]:
+        db = self._db("find quarantined event")
+        return [q for _, q in sorted(db.quarantine.items()) if q.event_id == event_id]
+
+    async def unprocessed_outbox_id(self, event_id: str) -> int | None:
+        db = self._db("find outbox row")
+        for row in self._unprocessed(db, -1):
+            if row.event_id == event_id:
+                return row.id
+        return None
+
+    async def stats(self, now: float, since: float, top: int) -> StoreStats:
+        db = self._db("read stats")
+        pending = [d for d in db.deliveries.values() if d.state == DeliveryState.PENDING]
+        recent = [a for a in db.attempts if a.record.started_at >= since]
+        ok = sum(1 for a in recent if a.record.result == "success")
+        failures: dict[str, int] = {}
+        for a in recent:
+            if a.record.result != "success":
+                ep_id = db.deliveries[a.delivery_pk].endpoint_id
+                failures[ep_id] = failures.get(ep_id, 0) + 1
+
+        def settled(state: DeliveryState) -> int:
+            return sum(
+                1 for d in db.deliveries.values() if d.state == state and d.updated_at >= since
+            )
+
+        return StoreStats(
+            since=since,
+            outbox_unprocessed=len(self._unprocessed(db, -1)),
+            oldest_unprocessed=await self.oldest_unprocessed(),
+            pending=len(pending),
+            due=sum(
+                1 for d in pending if d.next_attempt_at is not None and d.next_attempt_at <= now
+            ),
+            attempts=len(recent),
+            attempts_succeeded=ok,
+            attempts_failed=len(recent) - ok,
+            deliveries_succeeded=settled(DeliveryState.SUCCEEDED),
+            deliveries_failed=settled(DeliveryState.FAILED),
+            quarantined=sum(1 for q in db.quarantine.values() if q.quarantined_at >= since),
+            failures_by_endpoint=tuple(
+                _limited(sorted(failures.items(), key=lambda kv: (-kv[1], kv[0])), top)
+            ),
+        )
 
 
 def _check_unique(db: MemoryDatabase, planned: Iterable[PlannedEvent]) -> None:
@@ -641,6 +892,14 @@ def _payload(value: OutboxValue, max_bytes: int | None) -> object:
         if size > max_bytes:
             return OversizedPayload(size)
     return decode_outbox_value(value)
+
+
+def _nearest_rank_p95(ordered: Sequence[float]) -> float | None:
+    """The value at 1-based position ceil(0.95 n) of ``ordered`` (as the SQLite query does)."""
+    if not ordered:
+        return None
+    position = -(-len(ordered) * 95 // 100)
+    return ordered[position - 1]
 
 
 def _limited(items: list[T], limit: int) -> list[T]:

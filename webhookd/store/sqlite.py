@@ -15,7 +15,8 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,12 +36,18 @@ from webhookd.models import (
     Delivery,
     DeliveryFilter,
     DeliveryRecord,
+    DeliveryState,
+    EndpointHealth,
+    EndpointRemoval,
     Event,
+    EventRecord,
     FanoutResult,
     OutboxRow,
     OversizedPayload,
     QuarantineRecord,
+    StoreStats,
 )
+from webhookd.retention import CheckpointResult
 from webhookd.store.base import (
     Planner,
     decode_outbox_value,
@@ -94,6 +101,7 @@ class SQLiteBackend:
                 f"cannot open database {str(self.path)!r}: directory "
                 f"{str(self.path.parent)!r} does not exist; create it or fix database.path"
             )
+        self._create_group_writable()
         try:
             self._writer = await self._connect()
             await self._writer.execute_fetchall("PRAGMA journal_mode = WAL")
@@ -101,6 +109,20 @@ class SQLiteBackend:
         except sqlite3.Error as exc:
             await self.close()
             raise StorageError(f"cannot open database {str(self.path)!r}: {exc}") from exc
+
+    def _create_group_writable(self) -> None:
+        """Create a missing database file 0660 (less the umask): the application shares it
+        through a group, and SQLite gives the -wal and -shm files the database file's mode.
+        SQLite alone would create it 0644 less the umask, which the group cannot write."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o660)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise StorageError(
+                f"cannot create database {str(self.path)!r}: {exc.strerror or exc}"
+            ) from exc
+        os.close(fd)  # an empty file is a new, empty database to SQLite
 
     async def _connect(self) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
@@ -396,6 +418,8 @@ class SQLiteBackend:
                 body=bytes(r[6]),
                 attempts=r[7],
                 created_at=r[8],
+                attempts_before_schedule=r[9],
+                schedule_started_at=r[10],
             )
             leased.add(delivery.pk)
             self._lease_endpoint[delivery.pk] = endpoint_id
@@ -526,6 +550,8 @@ class SQLiteBackend:
                 "tenant": f.tenant,
                 "delivery_id": delivery_id,
                 "limit": f.limit,
+                "since": f.since,
+                "until": f.until,
             },
         )
         return [
@@ -542,6 +568,8 @@ class SQLiteBackend:
                 next_attempt_at=r[9] if r[5] == "pending" else None,
                 last_status=r[10],
                 last_error=r[11],
+                retried_at=r[13],
+                attempts_before_retry=r[14],
             )
             for r in rows
         ]
@@ -556,13 +584,218 @@ class SQLiteBackend:
             return None
         records = await self._deliveries(DeliveryFilter(limit=1), delivery_id)
         attempts = await self._read("list attempts", _Q["list_attempts"], {"pk": found[0][0]})
-        from dataclasses import replace
-
         return replace(records[0], attempt_log=tuple(AttemptRecord(*a) for a in attempts))
 
     async def list_quarantine(self, limit: int) -> list[QuarantineRecord]:
         rows = await self._read("list quarantine", _Q["list_quarantine"], {"limit": limit})
         return [QuarantineRecord(*r) for r in rows]
+
+    # -- retention ---------------------------------------------------------------------------
+
+    # The rows to delete are found on the reader, outside any transaction: a pass with nothing
+    # to delete takes no lock, and reading past rows that must stay (events kept by their dead
+    # letters) never holds the lock the application writes with. The delete checks again.
+
+    async def prune_deliveries(
+        self, state: DeliveryState, updated_before: float, limit: int
+    ) -> tuple[int, int]:
+        params: dict[str, object] = {"state": state.value, "before": updated_before}
+        found = await self._read(
+            f"prune {state.value} deliveries", _Q["prunable_deliveries"], {**params, "limit": limit}
+        )
+        if not found:
+            return 0, 0
+        params["pks"] = json.dumps([r[0] for r in found])
+
+        async def delete(conn: aiosqlite.Connection) -> tuple[int, int]:
+            attempts = await conn.execute(_Q["delete_attempts_of"], params)
+            deliveries = await conn.execute(_Q["delete_deliveries"], params)
+            return deliveries.rowcount, attempts.rowcount
+
+        return await self._transaction(f"prune {state.value} deliveries", delete)
+
+    async def prune_events(
+        self, created_before: float, after_pk: int, limit: int
+    ) -> tuple[int, int | None]:
+        found = await self._read(
+            "prune events",
+            _Q["prunable_events"],
+            {"before": created_before, "after": after_pk, "limit": limit},
+        )
+        if not found:
+            return 0, None
+        pks = [int(r[0]) for r in found]
+        deleted = await self._delete_found("prune events", "delete_events", pks, created_before)
+        return deleted, pks[-1] if len(pks) >= limit else None
+
+    async def prune_outbox(self, processed_before: float, limit: int) -> int:
+        return await self._prune("prune outbox", "outbox", processed_before, limit)
+
+    async def prune_quarantine(self, quarantined_before: float, limit: int) -> int:
+        return await self._prune("prune quarantine", "quarantine", quarantined_before, limit)
+
+    async def _prune(self, op: str, table: str, before: float, limit: int) -> int:
+        found = await self._read(op, _Q[f"prunable_{table}"], {"before": before, "limit": limit})
+        if not found:
+            return 0
+        return await self._delete_found(op, f"delete_{table}", [r[0] for r in found], before)
+
+    async def _delete_found(self, op: str, query: str, pks: list[Any], before: float) -> int:
+        async def delete(conn: aiosqlite.Connection) -> int:
+            cursor = await conn.execute(_Q[query], {"pks": json.dumps(pks), "before": before})
+            return cursor.rowcount
+
+        return await self._transaction(op, delete)
+
+    async def changes(self) -> int:
+        rows = await self._read("read data version", "PRAGMA data_version")
+        return int(rows[0][0])
+
+    async def checkpoint(self, *, truncate: bool) -> CheckpointResult:
+        try:
+            async with self._write_lock:
+                conn = self._w
+                rows = await conn.execute_fetchall("PRAGMA wal_checkpoint(PASSIVE)")
+                busy, frames, copied = (int(v) for v in next(iter(rows)))
+                mode = "passive"
+                # An empty -wal file needs no truncating (and TRUNCATE would count as a change).
+                if truncate and frames >= 0 and copied == frames and self._wal_bytes():
+                    mode = "truncate"
+                    busy = await self._truncate_wal(conn)
+        except sqlite3.Error as exc:
+            raise StorageError(f"checkpoint failed on {self.path}: {exc}") from exc
+        return CheckpointResult(mode, bool(busy), frames, copied, self._wal_bytes())
+
+    async def _truncate_wal(self, conn: aiosqlite.Connection) -> int:
+        """TRUNCATE waits for the application's readers while holding the write lock; with no
+        busy timeout it never keeps the application's writers waiting: it reports busy."""
+        await conn.execute_fetchall("PRAGMA busy_timeout = 0")
+        try:
+            rows = await conn.execute_fetchall("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            restore = f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}"
+            await asyncio.shield(conn.execute_fetchall(restore))
+        return int(next(iter(rows))[0])
+
+    def _wal_bytes(self) -> int | None:
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except FileNotFoundError:
+            return None
+
+    # -- administration ----------------------------------------------------------------------
+
+    async def create_endpoint(self, row: Mapping[str, object]) -> bool:
+        async def write(conn: aiosqlite.Connection) -> bool:
+            cursor = await conn.execute(_Q["create_endpoint"], dict(row))
+            return bool(cursor.rowcount)
+
+        return await self._transaction("create endpoint", write)
+
+    async def update_endpoint(self, row: Mapping[str, object]) -> bool:
+        async def write(conn: aiosqlite.Connection) -> bool:
+            cursor = await conn.execute(_Q["update_endpoint"], dict(row))
+            return bool(cursor.rowcount)
+
+        return await self._transaction("update endpoint", write)
+
+    async def remove_endpoint(self, endpoint_id: str, *, force: bool) -> EndpointRemoval:
+        async def write(conn: aiosqlite.Connection) -> EndpointRemoval:
+            params = {"id": endpoint_id}
+            if not list(await conn.execute_fetchall(_Q["endpoint_exists"], params)):
+                return EndpointRemoval(found=False, removed=False, pending=0)
+            [(pending,)] = await conn.execute_fetchall(_Q["endpoint_pending"], params)
+            if pending and not force:
+                return EndpointRemoval(found=True, removed=False, pending=int(pending))
+            await conn.execute(_Q["delete_endpoint"], params)
+            return EndpointRemoval(found=True, removed=True, pending=int(pending))
+
+        return await self._transaction("remove endpoint", write)
+
+    async def endpoint_health(self, since: float) -> dict[str, EndpointHealth]:
+        window = await self._read(
+            "read endpoint health", _Q["endpoint_health_window"], {"since": since}
+        )
+        errors = await self._read("read endpoint errors", _Q["endpoint_last_errors"])
+        pending = await self.pending_counts()
+        out: dict[str, EndpointHealth] = {}
+        for ep_id, count, succeeded, p95 in window:
+            out[ep_id] = EndpointHealth(ep_id, int(count), int(succeeded), float(p95))
+        for ep_id, error, status, at in errors:
+            base = out.get(ep_id, EndpointHealth(ep_id))
+            out[ep_id] = replace(
+                base, last_error=error, last_error_status=status, last_error_at=float(at)
+            )
+        for ep_id, n in pending.items():
+            out[ep_id] = replace(out.get(ep_id, EndpointHealth(ep_id)), pending=n)
+        return dict(sorted(out.items()))
+
+    async def requeue(
+        self, delivery_ids: Sequence[str], now: float, states: Collection[str]
+    ) -> list[str]:
+        async def write(conn: aiosqlite.Connection) -> list[str]:
+            rows = await conn.execute_fetchall(
+                _Q["requeue_deliveries"],
+                {
+                    "ids": json.dumps(list(delivery_ids)),
+                    "states": json.dumps(sorted(states)),
+                    "now": now,
+                },
+            )
+            changed = [str(r[0]) for r in rows]
+            if changed:
+                await conn.execute(_Q["bump_requeued"])
+            return changed
+
+        return await self._transaction("retry deliveries", write)
+
+    async def requeued_version(self) -> int:
+        rows = await self._read("read requeue version", _Q["requeued_version"])
+        return int(rows[0][0]) if rows else 0
+
+    async def get_event(self, event_id: str) -> EventRecord | None:
+        rows = await self._read("find event", _Q["get_event"], {"event_id": event_id})
+        return EventRecord(*rows[0]) if rows else None
+
+    async def quarantined_event(self, event_id: str) -> list[QuarantineRecord]:
+        rows = await self._read(
+            "find quarantined event", _Q["quarantined_event"], {"event_id": event_id}
+        )
+        return [QuarantineRecord(*r) for r in rows]
+
+    async def unprocessed_outbox_id(self, event_id: str) -> int | None:
+        rows = await self._read(
+            "find outbox row",
+            _Q["unprocessed_outbox_id"],
+            {"event_id": event_id, "after": await self._cursor()},
+        )
+        return int(rows[0][0]) if rows else None
+
+    async def stats(self, now: float, since: float, top: int) -> StoreStats:
+        cursor = await self._cursor()
+        [backlog] = await self._read(
+            "read stats", _Q["stats_backlog"], {"after": cursor, "now": now, "since": since}
+        )
+        [(attempts, succeeded)] = await self._read(
+            "read stats", _Q["stats_attempts"], {"since": since}
+        )
+        failures = await self._read(
+            "read stats", _Q["stats_failures_by_endpoint"], {"since": since, "top": top}
+        )
+        return StoreStats(
+            since=since,
+            outbox_unprocessed=int(backlog[0]),
+            oldest_unprocessed=await self.oldest_unprocessed(),
+            pending=int(backlog[1]),
+            due=int(backlog[2]),
+            attempts=int(attempts),
+            attempts_succeeded=int(succeeded),
+            attempts_failed=int(attempts) - int(succeeded),
+            deliveries_succeeded=int(backlog[3]),
+            deliveries_failed=int(backlog[4]),
+            quarantined=int(backlog[5]),
+            failures_by_endpoint=tuple((str(e), int(n)) for e, n in failures),
+        )
 
 
 def _split_statements(script: str) -> list[str]:

@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS webhookd_state (
 );
 INSERT OR IGNORE INTO webhookd_state (key, value) VALUES ('outbox_cursor', 0);
 INSERT OR IGNORE INTO webhookd_state (key, value) VALUES ('endpoints_version', 0);
+-- Bumped by `webhookd deliveries retry`, so that a running daemon wakes its endpoint workers.
+INSERT OR IGNORE INTO webhookd_state (key, value) VALUES ('deliveries_requeued', 0);
 
 CREATE TRIGGER IF NOT EXISTS webhook_endpoints_inserted AFTER INSERT ON webhook_endpoints
 BEGIN
@@ -64,6 +66,8 @@ CREATE TABLE IF NOT EXISTS webhookd_events (
     body        BLOB NOT NULL,
     created_at  REAL NOT NULL
 );
+-- Retention: where the events fanned out since a given time begin.
+CREATE INDEX IF NOT EXISTS webhookd_events_created ON webhookd_events (created_at);
 
 -- One row per event x endpoint. Times are Unix seconds.
 CREATE TABLE IF NOT EXISTS webhookd_deliveries (
@@ -77,12 +81,19 @@ CREATE TABLE IF NOT EXISTS webhookd_deliveries (
     created_at      REAL NOT NULL,
     updated_at      REAL NOT NULL,
     last_status     INTEGER,
-    last_error      TEXT
+    last_error      TEXT,
+    -- `webhookd deliveries retry` starts a fresh retry schedule: the attempt budget
+    -- (retry.max_attempts) counts from attempts_before_schedule and the age budget
+    -- (retry.max_age_seconds) from schedule_started_at (NULL: created_at, never retried).
+    schedule_started_at      REAL,
+    attempts_before_schedule INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS webhookd_deliveries_due
     ON webhookd_deliveries (endpoint_id, next_attempt_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS webhookd_deliveries_event ON webhookd_deliveries (event_pk);
 CREATE INDEX IF NOT EXISTS webhookd_deliveries_updated ON webhookd_deliveries (updated_at);
+-- Retention: the oldest succeeded (or failed) deliveries first.
+CREATE INDEX IF NOT EXISTS webhookd_deliveries_final ON webhookd_deliveries (state, updated_at);
 
 CREATE TABLE IF NOT EXISTS webhookd_attempts (
     id               INTEGER PRIMARY KEY,
@@ -96,6 +107,10 @@ CREATE TABLE IF NOT EXISTS webhookd_attempts (
     response_excerpt TEXT
 );
 CREATE INDEX IF NOT EXISTS webhookd_attempts_delivery ON webhookd_attempts (delivery_pk, attempt_no);
+-- Health and stats over a recent window (`webhookd endpoints list`, `webhookd stats`): covers
+-- what those read, so a window of 100k attempts is read from the index alone.
+CREATE INDEX IF NOT EXISTS webhookd_attempts_started
+    ON webhookd_attempts (started_at, delivery_pk, duration_seconds, result);
 
 -- Outbox rows that break the contract, with the reason; they never block the rows behind them.
 CREATE TABLE IF NOT EXISTS webhookd_quarantine (
@@ -106,3 +121,5 @@ CREATE TABLE IF NOT EXISTS webhookd_quarantine (
     event_id       TEXT,
     quarantined_at REAL NOT NULL
 );
+-- Retention: the oldest quarantine rows first, and where the recent fan-outs begin.
+CREATE INDEX IF NOT EXISTS webhookd_quarantine_time ON webhookd_quarantine (quarantined_at);
