@@ -58,7 +58,8 @@ async def main(events: int, interval: float) -> int:
         config = Path(tmp) / "config.toml"
         config.write_text(
             f'[database]\npath = "{db}"\n[http]\nlisten = "127.0.0.1:{http_port}"\n'
-            '[delivery]\nallow_http = true\n[log]\nlevel = "warning"\n'
+            '[delivery]\nallow_http = true\nallowed_networks = ["127.0.0.0/8"]\n'
+            '[log]\nlevel = "warning"\n'
             f'[[endpoints]]\nid = "bench"\nurl = "http://127.0.0.1:{receiver_port}/hook"\n'
             'secret = "bench-secret"\n'
         )

@@ -355,8 +355,8 @@ _DECODER = json.JSONDecoder(
 def loads(text: str | bytes) -> JSONValue:
     """Parse ``text`` as JavaScript's ``JSON.parse`` would, rejecting anything it would alter.
 
-    Integer literals beyond ±MAX_SAFE_INTEGER are all refused, even those a double holds
-    exactly (2**53), so that big identifiers fail every time rather than now and then.
+    Integer literals beyond ±MAX_SAFE_INTEGER are refused unless JavaScript writes the same
+    digits back (2**53 and 10**20 pass; 2**53 + 1 would become 2**53 and is refused).
     """
     if isinstance(text, bytes | bytearray):
         try:

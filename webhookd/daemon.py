@@ -352,7 +352,8 @@ class Daemon:
         if self.dispatcher.last_store_error:
             reasons.append(f"store errors: {self.dispatcher.last_store_error}")
         if self.dispatcher.recorder.failing_since is not None:
-            reasons.append("cannot record delivery results in the store")
+            error = self.dispatcher.recorder.last_error
+            reasons.append(f"cannot record delivery results in the store: {error}")
         lag = self.dispatcher.outbox_lag_seconds
         if lag > self.settings.http.ready_max_lag_seconds:
             reasons.append(

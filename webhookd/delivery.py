@@ -6,17 +6,25 @@ memory), and the total timeout bounds a slow drip.
 
 from __future__ import annotations
 
+import dataclasses
+import errno as errno_codes
 import os
+import ssl
 import time
 from dataclasses import dataclass
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 
-from webhookd.models import AttemptResult, Delivery, Endpoint
+from webhookd.endpoints import CABundleError, load_ca_bundle
+from webhookd.models import AttemptResult, Delivery, Endpoint, ErrorKind
+from webhookd.netguard import AddressPolicy, BlockedAddressError, GuardedResolver, check_url_host
 from webhookd.settings import DeliverySettings
 from webhookd.signing import active_secrets, request_headers
 
 _READ_CHUNK_BYTES = 16 * 1024
+# aiohttp keeps DNS answers this long; each one passed the address guard when it came in.
+DNS_CACHE_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,34 +35,94 @@ class HttpResult:
     status_code: int | None
     error: str | None
     response_excerpt: str | None
+    error_kind: ErrorKind | None = None  # for a failure: what exactly went wrong
+    retry_after: str | None = None  # the response's Retry-After header, as sent
+    location: str | None = None  # the response's Location header (a 3xx), as sent
 
 
 class Sender:
-    """Owns the aiohttp client session (keep-alive connections are reused per endpoint host)."""
+    """Owns the aiohttp client session (keep-alive connections are reused per endpoint host).
 
-    def __init__(self, settings: DeliverySettings) -> None:
+    Every connection passes the address guard (:mod:`webhookd.netguard`): its resolver filters
+    each DNS answer, and an IP-literal host is checked before the request.
+    """
+
+    def __init__(
+        self,
+        settings: DeliverySettings,
+        *,
+        resolver: AbstractResolver | None = None,
+        dns_cache_seconds: int = DNS_CACHE_SECONDS,
+    ) -> None:
+        """``resolver`` does the DNS lookups under the guard instead of the system (tests pass
+        a double whose answers change, to simulate DNS rebinding); ``dns_cache_seconds`` 0
+        turns aiohttp's DNS cache off, so that every new connection looks the host up."""
         self._settings = settings
+        self._policy = AddressPolicy.from_settings(settings)
+        self._dns = resolver
+        self._dns_cache_seconds = dns_cache_seconds
+        self._guard: GuardedResolver | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._retired: list[aiohttp.ClientSession] = []  # closed with the sender
+        self._tls: dict[str, ssl.SSLContext] = {}  # CA bundle path -> its context
 
     def apply(self, settings: DeliverySettings) -> None:
-        """Use ``settings`` (timeouts, header prefix, excerpt size) from the next attempt on;
-        attempts already running keep the values they started with."""
+        """Use ``settings`` (timeouts, header prefix, excerpt size, address policy, CA bundles)
+        from the next attempt on; attempts already running keep the values they started with.
+        A changed address policy also starts a new connection pool, so that no kept-alive
+        connection made under the old policy (or DNS answer cached under it) is used again."""
+        policy = AddressPolicy.from_settings(settings)
         self._settings = settings
+        self._tls = {}  # the CA bundle files are read again
+        if policy != self._policy:
+            self._policy = policy
+            if self._guard is not None:
+                self._guard.policy = policy
+            if self._session is not None:
+                self._retired.append(self._session)
+                self._session = self._new_session()
 
     async def start(self) -> None:
+        self._guard = GuardedResolver(self._policy, self._dns)
+        self._session = self._new_session()
+
+    def _new_session(self) -> aiohttp.ClientSession:
+        assert self._guard is not None
         # No connection cap here: the dispatcher's global limiter bounds the requests in flight,
         # and unlike a connector's limit it can be resized by a configuration reload.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=60)
-        self._session = aiohttp.ClientSession(
+        connector = aiohttp.TCPConnector(
+            limit=0,
+            limit_per_host=0,
+            resolver=self._guard,
+            use_dns_cache=self._dns_cache_seconds > 0,
+            ttl_dns_cache=int(self._dns_cache_seconds) or None,
+        )
+        return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
             skip_auto_headers=("Accept-Encoding",),
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        sessions = [*self._retired, *([self._session] if self._session is not None else [])]
+        self._session = None
+        self._retired = []
+        for session in sessions:
+            await session.close()
+        if self._guard is not None:
+            await self._guard.close()
+            self._guard = None
+
+    def _tls_context(self, endpoint: Endpoint, settings: DeliverySettings) -> ssl.SSLContext | bool:
+        """The endpoint's CA bundle, else delivery.ca_bundle, else True: aiohttp's verifying
+        default with the system's CAs. Certificates are verified in every case."""
+        path = endpoint.ca_bundle or (str(settings.ca_bundle) if settings.ca_bundle else None)
+        if path is None or not endpoint.url.lower().startswith("https:"):
+            return True
+        context = self._tls.get(path)
+        if context is None:
+            context = self._tls[path] = load_ca_bundle(path)
+        return context
 
     async def send(self, endpoint: Endpoint, delivery: Delivery) -> HttpResult:
         """Make one attempt. Never raises for network trouble: it is classified instead."""
@@ -73,20 +141,47 @@ class Sender:
             timestamp=int(started),
             extra=endpoint.headers,
         )
+        try:
+            # aiohttp connects to an IP-literal host without asking the guarded resolver.
+            check_url_host(endpoint.url, self._policy)
+            tls = self._tls_context(endpoint, settings)
+        except BlockedAddressError as exc:
+            return self._result(
+                started, t0, AttemptResult.NETWORK_ERROR, None, str(exc), None, ErrorKind.BLOCKED
+            )
+        except CABundleError as exc:
+            return self._result(
+                started, t0, AttemptResult.NETWORK_ERROR, None, str(exc), None, ErrorKind.TLS
+            )
         status: int | None = None
         excerpt: str | None = None
+        retry_after: str | None = None
+        location: str | None = None
         try:
             async with self._session.post(
                 endpoint.url,
                 data=delivery.body,
                 headers=headers,
                 allow_redirects=False,
+                ssl=tls,
                 timeout=aiohttp.ClientTimeout(
                     total=settings.timeout_seconds, sock_connect=settings.connect_timeout_seconds
                 ),
             ) as response:
                 status = response.status
+                retry_after = response.headers.get("Retry-After")
+                location = response.headers.get("Location")
                 excerpt = await self._read_excerpt(response, settings.response_excerpt_bytes)
+        except BlockedAddressError as exc:  # the guarded resolver refused every address
+            return self._result(
+                started,
+                t0,
+                AttemptResult.NETWORK_ERROR,
+                status,
+                str(exc),
+                excerpt,
+                ErrorKind.BLOCKED,
+            )
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             return self._result(
                 started,
@@ -95,6 +190,7 @@ class Sender:
                 status,
                 _timeout_text(exc, settings, status),
                 excerpt,
+                timeout_kind(exc),
             )
         except aiohttp.ClientError as exc:
             return self._result(
@@ -104,17 +200,32 @@ class Sender:
                 status,
                 describe_client_error(exc),
                 excerpt,
+                classify_client_error(exc),
             )
         except OSError as exc:
             return self._result(
-                started, t0, AttemptResult.NETWORK_ERROR, status, f"network error: {exc}", excerpt
+                started,
+                t0,
+                AttemptResult.NETWORK_ERROR,
+                status,
+                f"network error: {exc}",
+                excerpt,
+                _errno_kind(exc.errno),
             )
         if 200 <= status < 300:
             return self._result(started, t0, AttemptResult.SUCCESS, status, None, excerpt)
+        kind = status_kind(status, retry_after)
         error = f"HTTP {status}"
-        if 300 <= status < 400:
-            error += " (redirects are not followed; point the endpoint at the final URL)"
-        return self._result(started, t0, AttemptResult.HTTP_ERROR, status, error, excerpt)
+        if kind is ErrorKind.REDIRECT:
+            error += (
+                f" to {location[:300]!r}" if location else " (no Location)"
+            ) + " (redirects are not followed; point the endpoint at the final URL)"
+        elif kind is ErrorKind.GONE:
+            error += " Gone (the receiver wants no more deliveries: the endpoint is disabled)"
+        elif retry_after is not None and kind is ErrorKind.RATE_LIMITED:
+            error += f" (Retry-After: {retry_after[:100]})"
+        result = self._result(started, t0, AttemptResult.HTTP_ERROR, status, error, excerpt, kind)
+        return dataclasses.replace(result, retry_after=retry_after, location=location)
 
     async def _read_excerpt(self, response: aiohttp.ClientResponse, cap: int) -> str:
         data = bytearray()
@@ -136,6 +247,7 @@ class Sender:
         status: int | None,
         error: str | None,
         excerpt: str | None,
+        kind: ErrorKind | None = None,
     ) -> HttpResult:
         return HttpResult(
             started_at=started,
@@ -144,6 +256,7 @@ class Sender:
             status_code=status,
             error=error,
             response_excerpt=excerpt,
+            error_kind=kind,
         )
 
 
@@ -155,10 +268,84 @@ def _timeout_text(exc: BaseException, settings: DeliverySettings, status: int | 
     return f"timed out after {settings.timeout_seconds:g} s"
 
 
+def status_kind(status: int, retry_after: str | None) -> ErrorKind:
+    """The kind of failure a non-2xx status is."""
+    if 300 <= status < 400:
+        return ErrorKind.REDIRECT
+    if status == 410:
+        return ErrorKind.GONE
+    if status == 429 or (status == 503 and retry_after is not None):
+        return ErrorKind.RATE_LIMITED
+    return ErrorKind.HTTP_STATUS
+
+
+def timeout_kind(exc: BaseException) -> ErrorKind:
+    """No connection in time, or no complete response within the total timeout."""
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return ErrorKind.CONNECT_TIMEOUT
+    return ErrorKind.READ_TIMEOUT
+
+
+_RESET_ERRNOS = frozenset({errno_codes.ECONNRESET, errno_codes.EPIPE, errno_codes.ECONNABORTED})
+
+
+def _errno_kind(number: int | None) -> ErrorKind:
+    if number == errno_codes.ECONNREFUSED:
+        return ErrorKind.CONNECTION_REFUSED
+    if number in _RESET_ERRNOS:
+        return ErrorKind.CONNECTION_RESET
+    if number == errno_codes.ETIMEDOUT:
+        return ErrorKind.CONNECT_TIMEOUT
+    return ErrorKind.NETWORK
+
+
+def classify_client_error(exc: aiohttp.ClientError) -> ErrorKind:
+    """The kind of an aiohttp error (the order matters: the classes inherit from each other)."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return ErrorKind.TLS
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return ErrorKind.DNS
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return _errno_kind(exc.os_error.errno)
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ErrorKind.CONNECTION_CLOSED
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return ErrorKind.PROTOCOL
+    if isinstance(exc, aiohttp.ClientOSError):
+        return _errno_kind(exc.errno)
+    return ErrorKind.NETWORK
+
+
+# OpenSSL's X509_V_ERR_* codes that call for a different fix than "trust its CA".
+_X509_NOT_YET_VALID = 9
+_X509_EXPIRED = 10
+_X509_HOSTNAME_MISMATCH = 62
+_X509_IP_ADDRESS_MISMATCH = 64
+
+
+def describe_certificate_error(error: Exception) -> str:
+    """What is wrong with the receiver's certificate, and what fixes it."""
+    code = getattr(error, "verify_code", None)
+    reason = getattr(error, "verify_message", None) or str(error)
+    if code == _X509_EXPIRED:
+        return f"TLS certificate expired: {reason}; the receiver must renew it"
+    if code == _X509_NOT_YET_VALID:
+        return f"TLS certificate not yet valid: {reason}; check the clocks of both hosts"
+    if code in (_X509_HOSTNAME_MISMATCH, _X509_IP_ADDRESS_MISMATCH):
+        return (
+            f"TLS certificate hostname mismatch: {reason.rstrip('.')}; the certificate must "
+            "name the URL's host"
+        )
+    return (
+        f"TLS certificate not trusted: {reason}; if the receiver uses a private CA, set the "
+        "endpoint's ca_bundle (or delivery.ca_bundle) to its certificate"
+    )
+
+
 def describe_client_error(exc: aiohttp.ClientError) -> str:
     """A one-line description an operator can act on."""
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return f"TLS certificate not trusted: {exc.certificate_error}"
+        return describe_certificate_error(exc.certificate_error)
     if isinstance(exc, aiohttp.ClientSSLError):
         return f"TLS error: {exc}"
     if isinstance(exc, aiohttp.ClientConnectorDNSError):

@@ -13,11 +13,13 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from webhookd import breaker
 from webhookd import endpoints as endpoints_mod
+from webhookd.breaker import BreakerPolicy
 from webhookd.catalogue import DEFAULT_POLICY, CataloguePolicy
 from webhookd.delivery import HttpResult, Sender
 from webhookd.errors import StorageError
@@ -32,6 +34,8 @@ from webhookd.models import (
     Delivery,
     DeliveryState,
     Endpoint,
+    EndpointState,
+    EndpointStatus,
     Event,
     FanoutPlan,
     FanoutResult,
@@ -41,9 +45,9 @@ from webhookd.models import (
 )
 from webhookd.recorder import Recorder
 from webhookd.retention import Housekeeper
-from webhookd.retry import RetryPolicy, next_attempt_at
+from webhookd.retry import RetryPolicy, next_attempt_at, retry_after_until
 from webhookd.routing import route
-from webhookd.settings import Settings
+from webhookd.settings import DEFAULT_RETRY_AFTER_MAX_SECONDS, Settings
 from webhookd.store.base import Store
 
 logger = logging.getLogger("webhookd.dispatcher")
@@ -54,12 +58,20 @@ RECORDER_FLUSH_SECONDS = 10.0
 
 
 def decide(
-    result: HttpResult, delivery: Delivery, policy: RetryPolicy, now: float, rand: float
+    result: HttpResult,
+    delivery: Delivery,
+    policy: RetryPolicy,
+    now: float,
+    rand: float,
+    *,
+    retry_after_max_seconds: float = DEFAULT_RETRY_AFTER_MAX_SECONDS,
 ) -> AttemptOutcome:
     """What the delivery becomes after this attempt. Pure.
 
     Attempt numbers go on across ``webhookd deliveries retry``; the retry budget (attempts and
-    age) and the backoff count from the retry, which started a fresh schedule."""
+    age) and the backoff count from the retry, which started a fresh schedule. A 429/503 with
+    ``Retry-After`` moves the next attempt later (never sooner than the schedule), by at most
+    ``retry_after_max_seconds``."""
     attempt_no = delivery.attempts + 1
     next_at: float | None = None
     if result.result is AttemptResult.SUCCESS:
@@ -72,6 +84,11 @@ def decide(
             now=now,
             rand=rand,
         )
+        asked = retry_after_until(
+            result.status_code, result.retry_after, now, retry_after_max_seconds
+        )
+        if next_at is not None and asked is not None:
+            next_at = max(next_at, asked)
         state = DeliveryState.FAILED if next_at is None else DeliveryState.PENDING
     return AttemptOutcome(
         delivery_pk=delivery.pk,
@@ -84,6 +101,7 @@ def decide(
         response_excerpt=result.response_excerpt,
         new_state=state,
         next_attempt_at=next_at,
+        error_kind=None if result.error_kind is None else result.error_kind.value,
     )
 
 
@@ -135,8 +153,12 @@ def plan_fanout(
     return CheckedFanoutPlan(tuple(planned), tuple(quarantined), tuple(warnings))
 
 
+_LATEST_ISO_SECONDS = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """For logs: a time beyond what ISO-8601 can write is shown as the latest it can."""
+    return datetime.fromtimestamp(min(ts, _LATEST_ISO_SECONDS), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class EndpointWorker:
@@ -165,35 +187,53 @@ class EndpointWorker:
         self.stopping = True
         self.wake.set()
 
+    def _room(self, now: float) -> tuple[int, bool, float | None]:
+        """(deliveries it may claim now, whether that is the backing-off endpoint's probe,
+        seconds until its pause ends if it is paused)."""
+        circuit = self.d.circuits.get(self.endpoint.id)
+        if circuit is None or circuit.state is EndpointStatus.OK:
+            return self.endpoint.max_concurrency - len(self.inflight), False, None
+        if circuit.state is EndpointStatus.DISABLED:
+            return 0, False, None  # about to be stopped
+        if not breaker.probe_allowed(circuit, now):
+            assert circuit.paused_until is not None
+            return 0, False, circuit.paused_until - now
+        # One probe at a time, and only once the requests that were in flight have finished.
+        return (0 if self.inflight else 1), True, None
+
     async def _run(self) -> None:
         delay = STORE_RETRY_INITIAL_SECONDS
         while not self.stopping:
             self.wake.clear()
             timeout: float | None = None
-            room = self.endpoint.max_concurrency - len(self.inflight)
-            if room > 0:
+            now = self.d.clock()
+            room, probe, pause = self._room(now)
+            if pause is not None:
+                timeout = pause  # backing off: its deliveries wait, no attempt is spent
+            elif room > 0:
                 try:
-                    batch = await self.d.store.claim_due(self.endpoint.id, self.d.clock(), room)
+                    batch = await self.d.store.claim_due(self.endpoint.id, now, room)
                     for delivery in batch:
-                        self._spawn(delivery)
+                        self._spawn(delivery, probe)
                     if len(batch) < room:
                         due = await self.d.store.next_due_at(self.endpoint.id)
                         timeout = None if due is None else max(0.0, due - self.d.clock())
                     delay = STORE_RETRY_INITIAL_SECONDS
+                    self.d.store_ok("claim")
                 except StorageError as exc:
                     self.d.store_failed("claim", exc)
                     timeout, delay = delay, min(delay * 2, STORE_RETRY_MAX_SECONDS)
                 if self.stopping:
                     break
-                if len(self.inflight) >= self.endpoint.max_concurrency:
-                    timeout = None  # a finishing request sets wake
+                if self._room(self.d.clock())[0] <= 0:
+                    timeout = None  # a finishing request (or a state change) sets wake
                 elif timeout is not None and timeout <= 0:
                     continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
 
-    def _spawn(self, delivery: Delivery) -> None:
-        task = asyncio.create_task(self.d.deliver(self.endpoint, delivery))
+    def _spawn(self, delivery: Delivery, probe: bool = False) -> None:
+        task = asyncio.create_task(self.d.deliver(self.endpoint, delivery, probe=probe))
         self.inflight.add(task)
         task.add_done_callback(self._done)
 
@@ -225,12 +265,24 @@ class Dispatcher:
         self.clock = clock
         self.rand = rand
         self.policy = RetryPolicy.from_settings(settings.retry)
+        self.breaker_policy = BreakerPolicy.from_settings(settings)
         self.catalogue_policy = settings.events.policy()
         self._schema_warnings: tuple[SchemaWarning, ...] = ()  # of the plan being committed
+        # The circuit breaker: each endpoint's state (absent: ok), as the store keeps it, and
+        # which of them changed since they were last written (``_unsaved``, by generation).
+        self.circuits: dict[str, EndpointState] = {}
+        self._circuit_generation: dict[str, int] = {}
+        self._circuit_locks: dict[str, asyncio.Lock] = {}
+        self._unsaved: set[str] = set()
+        self._persisting: set[asyncio.Task[None]] = set()
         self.recorder = Recorder(store)
         # Its own task: a long first pruning pass must not hold up the lag and pending gauges.
         self.housekeeper = Housekeeper(
-            store, lambda: self.settings.retention, self.store_failed, clock=clock
+            store,
+            lambda: self.settings.retention,
+            self.store_failed,
+            on_store_ok=self.store_ok,
+            clock=clock,
         )
         self.endpoints: dict[str, Endpoint] = {}
         self.workers: dict[str, EndpointWorker] = {}
@@ -243,7 +295,9 @@ class Dispatcher:
         self._global = Limiter(settings.delivery.max_inflight)
         self.crashed: BaseException | None = None
         self.crash_event = asyncio.Event()
-        self.last_store_error: str | None = None
+        # The latest error of each store operation, until that operation next succeeds: a
+        # failing checkpoint must stay visible while fan-out keeps succeeding.
+        self.store_errors: dict[str, str] = {}
         self.outbox_lag_seconds = 0.0
         self.running = False
 
@@ -283,6 +337,9 @@ class Dispatcher:
         workers = [w.task for w in self.workers.values() if w.task is not None]
         if workers:
             await asyncio.wait(workers)
+        if self._persisting:
+            await asyncio.wait(self._persisting, timeout=RECORDER_FLUSH_SECONDS)
+        await self._persist_unsaved()  # breaker states whose write failed: one more try
         # Outcomes already obtained are written now; if the store is failing, give up after a
         # bound: those deliveries stay pending and are sent again after the restart.
         self.recorder.close()
@@ -315,8 +372,16 @@ class Dispatcher:
             self.crashed = exc or RuntimeError(f"task {task.get_name()} stopped")
         self.crash_event.set()
 
+    @property
+    def last_store_error(self) -> str | None:
+        """The store operations failing now, with their errors ("" → None when none fails)."""
+        return "; ".join(f"{op}: {msg}" for op, msg in sorted(self.store_errors.items())) or None
+
+    def store_ok(self, operation: str) -> None:
+        self.store_errors.pop(operation, None)
+
     def store_failed(self, operation: str, exc: StorageError) -> None:
-        self.last_store_error = str(exc)
+        self.store_errors[operation] = str(exc)
         self.metrics.store_errors.labels(operation=operation).inc()
         log_event(logger, logging.ERROR, "store_error", operation=operation, error=str(exc))
 
@@ -336,18 +401,60 @@ class Dispatcher:
                 log_event(
                     logger, logging.ERROR, "endpoint_invalid", endpoint=ep.id, problem=ep.problem
                 )
+        stored = await self.store.endpoint_states()
         self._endpoints_version = version
+        self._reconcile_circuits(merged, stored)
         self._apply_endpoints(merged)
+
+    def _reconcile_circuits(
+        self, merged: dict[str, Endpoint], stored: dict[str, EndpointState]
+    ) -> None:
+        """Take up the stored breaker states: all of them at start, then what others changed.
+        ``webhookd endpoints enable`` deletes an endpoint's row; an application enables a table
+        endpoint the daemon disabled by setting its ``enabled`` back to 1."""
+        now = self.clock()
+        for ep_id, ep in merged.items():
+            mine = self.circuits.get(ep_id)
+            theirs = stored.get(ep_id)
+            if mine is None:
+                if theirs is not None:
+                    self.circuits[ep_id] = mine = theirs
+            elif (
+                ep_id not in self._unsaved
+                and theirs is None
+                and (mine.state is not EndpointStatus.OK or mine.consecutive_failures)
+            ):
+                self._set_circuit(ep, breaker.reenabled(ep_id, now), "enabled by an operator")
+                continue
+            if (
+                mine is not None
+                and mine.state is EndpointStatus.DISABLED
+                and ep.source == "table"
+                and ep.enabled
+                and ep_id not in self._unsaved
+            ):
+                self._set_circuit(
+                    ep, breaker.reenabled(ep_id, now), "its webhook_endpoints row was enabled"
+                )
+                self._persist_later(ep)
+
+    def _active(self, ep: Endpoint | None) -> bool:
+        if ep is None or not ep.enabled or ep.problem is not None:
+            return False
+        circuit = self.circuits.get(ep.id)
+        return circuit is None or circuit.state is not EndpointStatus.DISABLED
 
     def _apply_endpoints(self, merged: dict[str, Endpoint]) -> None:
         old = self.endpoints
         self.endpoints = merged
         for ep_id in set(old) | set(merged):
             ep = merged.get(ep_id)
-            active = ep is not None and ep.enabled and ep.problem is None
+            active = self._active(ep)
             worker = self.workers.get(ep_id)
             if ep is not None:
-                self.metrics.set_endpoint_state(ep_id, "ok" if active else "disabled")
+                circuit = self.circuits.get(ep_id)
+                state = EndpointStatus.OK if circuit is None else circuit.state
+                self.metrics.set_endpoint_state(ep_id, state if active else "disabled")
             else:
                 self.metrics.forget_endpoint(ep_id)
             if old.get(ep_id) != ep:
@@ -387,6 +494,7 @@ class Dispatcher:
         """
         self.settings = settings
         self.policy = RetryPolicy.from_settings(settings.retry)
+        self.breaker_policy = BreakerPolicy.from_settings(settings)
         self.catalogue_policy = settings.events.policy()
         self._global.resize(settings.delivery.max_inflight)
         self._static = static
@@ -456,7 +564,7 @@ class Dispatcher:
                         if worker is not None:
                             worker.wake.set()
                 delay = STORE_RETRY_INITIAL_SECONDS
-                self.last_store_error = None
+                self.store_ok("fan_out")
             except StorageError as exc:
                 self.store_failed("fan_out", exc)
                 more = True
@@ -469,13 +577,28 @@ class Dispatcher:
     async def _wake_for_requeued(self) -> None:
         """Wake every worker when `webhookd deliveries retry` made deliveries due: a worker
         that saw nothing pending sleeps until woken, and one backing off until its next due
-        time, which may be hours away."""
+        time, which may be hours away. An endpoint the breaker backs off probes at once: the
+        operator's retry says it may work again (if not, it backs off again)."""
         version = await self.store.requeued_version()
         if version != self._requeued_version:
             if self._requeued_version is not None:
+                self._probe_now("deliveries were retried (`webhookd deliveries retry`)")
                 for worker in self.workers.values():
                     worker.wake.set()
             self._requeued_version = version
+
+    def _probe_now(self, reason: str) -> None:
+        now = self.clock()
+        for ep_id, circuit in list(self.circuits.items()):
+            ep = self.endpoints.get(ep_id)
+            if (
+                ep is not None
+                and circuit.state is EndpointStatus.BACKING_OFF
+                and circuit.paused_until is not None
+                and circuit.paused_until > now
+            ):
+                self._set_circuit(ep, replace(circuit, paused_until=now, updated_at=now), reason)
+                self._persist_later(ep)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -492,8 +615,11 @@ class Dispatcher:
                 if tick % 5 == 0:
                     counts = await self.store.pending_counts()
                     self.metrics.set_pending(counts, list(self.endpoints))
+                    await self._persist_unsaved()
             except StorageError as exc:
                 self.store_failed("housekeeping", exc)
+            else:
+                self.store_ok("housekeeping")
             tick += 1
             await self._sleep(1.0)
 
@@ -507,9 +633,10 @@ class Dispatcher:
 
     # -- one delivery ------------------------------------------------------------------------
 
-    async def deliver(self, endpoint: Endpoint, delivery: Delivery) -> None:
+    async def deliver(self, endpoint: Endpoint, delivery: Delivery, *, probe: bool = False) -> None:
         """Send one attempt and persist its outcome. Cancelled before the response: the lease is
-        released and no attempt is counted. Once the outcome exists it is always persisted."""
+        released and no attempt is counted. Once the outcome exists it is always persisted.
+        ``probe``: the one attempt a backing-off endpoint makes to test its recovery."""
         label = self.metrics.endpoint_label(endpoint.id)
         try:
             async with self._global:
@@ -523,9 +650,117 @@ class Dispatcher:
             await asyncio.shield(self.store.release([delivery.pk]))
             raise
         now = self.clock()
-        outcome = decide(result, delivery, self.policy, now, self.rand())
+        ra_max = self.settings.delivery.retry_after_max_seconds
+        outcome = decide(
+            result, delivery, self.policy, now, self.rand(), retry_after_max_seconds=ra_max
+        )
         self._observe(endpoint, delivery, result, outcome, label, now)
         await asyncio.shield(self.recorder.submit(outcome, endpoint.id))
+        await asyncio.shield(self._after_attempt(endpoint, result, probe, now))
+
+    # -- the circuit breaker -----------------------------------------------------------------
+
+    async def _after_attempt(
+        self, endpoint: Endpoint, result: HttpResult, probe: bool, now: float
+    ) -> None:
+        """Feed an attempt's result to the endpoint's breaker; write the state if it changed."""
+        old = self.circuits.get(endpoint.id) or EndpointState(endpoint.id, since=now)
+        if result.result is AttemptResult.SUCCESS:
+            new = breaker.after_success(old, now)
+        else:
+            failure = breaker.Failure(
+                reason=result.error or result.result.value,
+                probe=probe,
+                gone=result.status_code == 410,
+                retry_after_until=retry_after_until(
+                    result.status_code,
+                    result.retry_after,
+                    now,
+                    self.settings.delivery.retry_after_max_seconds,
+                ),
+            )
+            new = breaker.after_failure(old, failure, self.breaker_policy, now)
+        if new == old:
+            return
+        current = self.endpoints.get(endpoint.id, endpoint)
+        why = new.reason or ("the probe succeeded" if probe else "an attempt succeeded")
+        self._set_circuit(current, new, why)
+        await self._persist(current)
+
+    def _set_circuit(self, ep: Endpoint, new: EndpointState, reason: str | None) -> None:
+        """Make ``new`` the endpoint's state: log a change of state, update the gauge, stop or
+        start its worker, wake it."""
+        old = self.circuits.get(ep.id)
+        self.circuits[ep.id] = new
+        self._circuit_generation[ep.id] = self._circuit_generation.get(ep.id, 0) + 1
+        self._unsaved.add(ep.id)
+        before = EndpointStatus.OK if old is None else old.state
+        if before is not new.state:
+            level = {
+                EndpointStatus.OK: logging.INFO,
+                EndpointStatus.BACKING_OFF: logging.WARNING,
+                EndpointStatus.DISABLED: logging.ERROR,
+            }[new.state]
+            fields: dict[str, Any] = {
+                "endpoint": ep.id,
+                "from": before.value,
+                "to": new.state.value,
+                "reason": reason,
+                "consecutive_failures": new.consecutive_failures,
+                "paused_until": None if new.paused_until is None else _iso(new.paused_until),
+            }
+            log_event(logger, level, "endpoint_state_changed", **fields)
+        elif (
+            new.state is EndpointStatus.BACKING_OFF
+            and old is not None
+            and new.paused_until != old.paused_until
+        ):
+            log_event(
+                logger,
+                logging.INFO,
+                "endpoint_backoff_changed",
+                endpoint=ep.id,
+                reason=reason,
+                consecutive_failures=new.consecutive_failures,
+                paused_until=None if new.paused_until is None else _iso(new.paused_until),
+            )
+        if before is not new.state and EndpointStatus.DISABLED in (before, new.state):
+            self._apply_endpoints(dict(self.endpoints))  # stops or starts its worker
+        elif ep.id in self.endpoints and self._active(ep):
+            self.metrics.set_endpoint_state(ep.id, new.state)
+        worker = self.workers.get(ep.id)
+        if worker is not None:
+            worker.wake.set()
+
+    def _persist_later(self, ep: Endpoint) -> None:
+        task = asyncio.create_task(self._persist(ep), name=f"persist:{ep.id}")
+        self._persisting.add(task)
+        task.add_done_callback(self._persisting.discard)
+
+    async def _persist(self, ep: Endpoint) -> None:
+        """Write the endpoint's current state. Writes for one endpoint go one at a time, and a
+        write that a newer change overtook is skipped: the newer one writes the latest state.
+        A failed write is tried again by the housekeeping loop."""
+        generation = self._circuit_generation.get(ep.id, 0)
+        lock = self._circuit_locks.setdefault(ep.id, asyncio.Lock())
+        async with lock:
+            if self._circuit_generation.get(ep.id, 0) != generation or ep.id not in self._unsaved:
+                return
+            state = self.circuits[ep.id]
+            disable_row = state.state is EndpointStatus.DISABLED and ep.source == "table"
+            try:
+                await self.store.save_endpoint_state(state, disable_row=disable_row)
+            except StorageError as exc:
+                self.store_failed("save_endpoint_state", exc)
+                return
+            if self._circuit_generation.get(ep.id, 0) == generation:
+                self._unsaved.discard(ep.id)
+
+    async def _persist_unsaved(self) -> None:
+        for ep_id in sorted(self._unsaved):
+            ep = self.endpoints.get(ep_id)
+            if ep is not None:
+                await self._persist(ep)
 
     def _observe(
         self,

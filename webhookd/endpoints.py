@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import os
 import re
+import ssl
+import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
+from pathlib import Path
 from urllib.parse import urlsplit
 
-from webhookd.errors import PayloadError
+from webhookd.errors import PayloadError, WebhookdError
 from webhookd.events import normalize_timestamp, timestamp_to_unix
 from webhookd.models import Endpoint
 from webhookd.routing import parse_patterns, pattern_problem
@@ -16,6 +20,7 @@ from webhookd.settings import ENDPOINT_ID_PATTERN, HEADER_NAME_PATTERN, Settings
 from webhookd.signing import SCHEMES, standard_key
 
 MAX_URL_LENGTH = 2048
+MAX_CA_BUNDLE_BYTES = 16 * 1024 * 1024
 _ID_RE = re.compile(ENDPOINT_ID_PATTERN)
 _HEADER_NAME_RE = re.compile(HEADER_NAME_PATTERN)
 # Headers webhookd owns on every request; an endpoint's extra headers can never replace them.
@@ -50,6 +55,42 @@ def url_problem(url: str, *, allow_http: bool) -> str | None:
         return "url must not contain credentials; use the endpoint's headers instead"
     if parts.fragment:
         return "url must not contain a #fragment"
+    return None
+
+
+class CABundleError(WebhookdError):
+    """A CA bundle file cannot be loaded."""
+
+
+def load_ca_bundle(path: str) -> ssl.SSLContext:
+    """A verifying TLS context that trusts the CAs in the PEM file ``path`` (and no others,
+    like ``curl --cacert``); :class:`CABundleError` says why it cannot be loaded."""
+    try:
+        info = os.stat(path)
+        # Only a regular file of sane size: a FIFO or a device could block or never end.
+        if not stat.S_ISREG(info.st_mode):
+            reason = "not a regular file"
+        elif info.st_size > MAX_CA_BUNDLE_BYTES:
+            reason = f"larger than {MAX_CA_BUNDLE_BYTES // (1024 * 1024)} MiB"
+        else:
+            return ssl.create_default_context(cafile=path)
+    except ssl.SSLError as exc:
+        reason = f"no PEM certificate could be read from it ({exc.reason or exc})"
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+    except ValueError as exc:  # e.g. an embedded NUL in a path from the table
+        reason = str(exc)
+    raise CABundleError(f"cannot load CA bundle {path!r}: {reason}")
+
+
+def ca_bundle_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a CA bundle, or None."""
+    if not Path(path).is_absolute():
+        return f"ca_bundle {path!r} must be an absolute path"
+    try:
+        load_ca_bundle(path)
+    except CABundleError as exc:
+        return str(exc)
     return None
 
 
@@ -105,6 +146,7 @@ def from_settings(settings: Settings) -> list[Endpoint]:
                     if ep.previous_secret_expires_at
                     else None
                 ),
+                ca_bundle=str(ep.ca_bundle) if ep.ca_bundle is not None else None,
             )
         )
     return out
@@ -148,6 +190,14 @@ def from_table_row(row: Mapping[str, object], settings: Settings) -> Endpoint:
         problems += header_problems
     schemes, previous, expires_at, signing_problems = _table_signing(row, secret)
     problems += signing_problems
+    ca_bundle = row.get("ca_bundle")
+    if ca_bundle in (None, ""):
+        ca_bundle = None
+    else:
+        ca_bundle = str(ca_bundle)
+        problem = ca_bundle_problem(ca_bundle)
+        if problem:
+            problems.append(problem)
     tenant = row.get("tenant")
     return Endpoint(
         id=ep_id,
@@ -164,6 +214,7 @@ def from_table_row(row: Mapping[str, object], settings: Settings) -> Endpoint:
         schemes=schemes,
         previous_secret=previous,
         previous_secret_expires_at=expires_at,
+        ca_bundle=ca_bundle,
     )
 
 

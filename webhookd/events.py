@@ -21,6 +21,7 @@ from webhookd.routing import event_type_problem
 
 MAX_EVENT_ID_LENGTH = 200
 MAX_TENANT_LENGTH = 200
+MAX_QUARANTINED_TEXT_CHARS = 200  # at least MAX_EVENT_ID_LENGTH: valid values are kept whole
 _PRINTABLE_ID_RE = re.compile(r"[\x21-\x7e]+")  # visible ASCII: safe in headers and logs
 
 
@@ -120,7 +121,8 @@ def normalize_timestamp(value: object) -> str:
 
 
 def format_timestamp(moment: datetime) -> str:
-    base = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    # Not strftime("%Y"): glibc writes years before 1000 with fewer than four digits.
+    base = f"{moment.year:04d}-" + moment.strftime("%m-%dT%H:%M:%S")
     millis = moment.microsecond // 1000
     return f"{base}.{millis:03d}Z" if millis else f"{base}Z"
 
@@ -147,8 +149,8 @@ def classify_row(
 ) -> RowOutcome:
     """Validate one outbox row, and check its data against the event catalogue as ``policy``
     says. Never raises for bad data: the outcome holds a Quarantined instead."""
-    event_type = row.event_type if isinstance(row.event_type, str) else None
-    event_id = row.event_id if isinstance(row.event_id, str) else None
+    event_type = _kept(row.event_type)
+    event_id = _kept(row.event_id)
     try:
         problem = event_type_problem(row.event_type)
         if problem:
@@ -181,6 +183,16 @@ def classify_row(
         body=build_body(row.event_type, occurred_at, payload.text),
     )
     return RowOutcome(event, schema_problem)
+
+
+def _kept(value: object) -> str | None:
+    """A text column as a quarantine row (and its log line) keeps it: an overlong value, which
+    is never valid, is cut short so that a megabyte in one column stays out of the logs."""
+    if not isinstance(value, str):
+        return None
+    if len(value) <= MAX_QUARANTINED_TEXT_CHARS:
+        return value
+    return value[:MAX_QUARANTINED_TEXT_CHARS] + "…"
 
 
 def event_from_row(

@@ -3,14 +3,42 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from webhookd.log import log_event
 from webhookd.metrics import Metrics
 
 Readiness = Callable[[], Awaitable[list[str]]]  # the reasons not to be ready; [] when ready
+logger = logging.getLogger("webhookd.http")
+_BAD_REQUEST_DETAIL_CHARS = 200
+
+
+class _ServerLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's server log as webhookd log events (one structured line each). A malformed
+    request is the client's fault: a debug line, not an error with a traceback per request."""
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc_info = kwargs.get("exc_info")
+        exc = exc_info if isinstance(exc_info, BaseException) else None
+        if exc_info is True:
+            exc = sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            detail = str(exc.message)[:_BAD_REQUEST_DETAIL_CHARS]
+            log_event(self.logger, logging.DEBUG, "http_bad_request", status=exc.code, error=detail)
+            return
+        try:
+            text = str(msg) % args if args else str(msg)
+        except (TypeError, ValueError):
+            text = str(msg)
+        event = "http_server_error" if level >= logging.WARNING else "http_server_debug"
+        log_event(self.logger, level, event, detail=text, exc_info=exc)
 
 
 def make_app(metrics: Metrics, readiness: Readiness) -> web.Application:
@@ -39,7 +67,9 @@ def make_app(metrics: Metrics, readiness: Readiness) -> web.Application:
 
 class HttpServer:
     def __init__(self, app: web.Application, host: str, port: int) -> None:
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, logger=_ServerLog(logger)
+        )
         self._host = host
         self._port = port
         self.bound_port: int | None = None

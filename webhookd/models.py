@@ -21,6 +21,50 @@ class AttemptResult(enum.StrEnum):
     NETWORK_ERROR = "network_error"
 
 
+class ErrorKind(enum.StrEnum):
+    """What exactly went wrong in a failed attempt (recorded beside its result)."""
+
+    CONNECT_TIMEOUT = "connect_timeout"  # no connection within delivery.connect_timeout_seconds
+    READ_TIMEOUT = "read_timeout"  # connected, but no complete response within the total timeout
+    CONNECTION_REFUSED = "connection_refused"
+    CONNECTION_RESET = "connection_reset"  # reset by the peer (RST)
+    CONNECTION_CLOSED = "connection_closed"  # closed by the peer before a complete response
+    DNS = "dns"
+    TLS = "tls"
+    PROTOCOL = "protocol"  # not a valid HTTP response
+    NETWORK = "network"  # another network error (unreachable host, ...)
+    BLOCKED = "blocked"  # SSRF protection refused the address (netguard); no connection made
+    REDIRECT = "redirect"  # a 3xx: never followed
+    GONE = "gone"  # 410: the endpoint is disabled
+    RATE_LIMITED = "rate_limited"  # 429, or 503 with Retry-After
+    HTTP_STATUS = "http_status"  # any other non-2xx status
+
+
+class EndpointStatus(enum.StrEnum):
+    """An endpoint's circuit state; the values are the ``state`` label of
+    ``webhookd_endpoint_state``."""
+
+    OK = "ok"
+    BACKING_OFF = "backing_off"  # backed off as a whole: paused, then one probe at a time
+    DISABLED = "disabled"  # no attempts until `webhookd endpoints enable`
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    """The daemon's view of an endpoint's health (table webhookd_endpoint_state). No row: ok."""
+
+    endpoint_id: str
+    state: EndpointStatus = EndpointStatus.OK
+    reason: str | None = None  # why it is in this state (the last failure, the pause, ...)
+    since: float = 0.0  # when it entered this state (unix seconds)
+    consecutive_failures: int = 0
+    failing_since: float | None = None  # the first failure of the current run of failures
+    paused_until: float | None = None  # backing off: no attempt before this
+    cooldown_level: int = 0  # failed probes since the breaker opened: the cool-down exponent
+    disabled_reason: str | None = None
+    updated_at: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A place deliveries go. ``secret`` never leaves the signing code and is never logged."""
@@ -39,6 +83,7 @@ class Endpoint:
     schemes: tuple[str, ...] = ("seed",)  # signature schemes: "seed", "standard"
     previous_secret: str | None = field(default=None, repr=False)  # signs until it expires
     previous_secret_expires_at: float | None = None  # Unix time
+    ca_bundle: str | None = None  # PEM file of the CAs trusted for TLS (None: delivery.ca_bundle)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +195,7 @@ class AttemptOutcome:
     response_excerpt: str | None
     new_state: DeliveryState
     next_attempt_at: float | None  # set when new_state is pending
+    error_kind: str | None = None  # an ErrorKind value for a failed attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +207,7 @@ class AttemptRecord:
     status_code: int | None
     error: str | None
     response_excerpt: str | None
+    error_kind: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ class Recorder:
         self._kick = asyncio.Event()
         self._closing = False
         self.failing_since: float | None = None  # loop time of the first failure in a row
+        self.last_error: str | None = None
 
     async def submit(self, outcome: AttemptOutcome, endpoint_id: str) -> None:
         """Return once ``outcome`` is committed."""
@@ -55,6 +56,7 @@ class Recorder:
             except StorageError as exc:
                 if self.failing_since is None:
                     self.failing_since = asyncio.get_running_loop().time()
+                self.last_error = str(exc)
                 log_event(
                     logger, logging.ERROR, "store_write_failed", error=str(exc), retry_in=delay
                 )
@@ -65,6 +67,7 @@ class Recorder:
                 continue
             delay = RETRY_INITIAL_SECONDS
             self.failing_since = None
+            self.last_error = None
             del self._queue[: len(batch)]
             for _, _, future in batch:
                 if not future.done():

@@ -108,12 +108,14 @@ class Housekeeper:
         settings: Callable[[], RetentionSettings],
         on_store_error: Callable[[str, StorageError], None],
         *,
+        on_store_ok: Callable[[str], None] = lambda operation: None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.settings = settings  # read each round: a reloaded configuration applies at once
         self.on_store_error = on_store_error
+        self.on_store_ok = on_store_ok
         self.clock = clock
         self.monotonic = monotonic
         self.next_prune_at: float | None = None  # monotonic; None: prune at the first round
@@ -141,11 +143,15 @@ class Housekeeper:
             await self._maybe_prune(settings, stopping)
         except StorageError as exc:
             self.on_store_error("prune", exc)
+        else:
+            self.on_store_ok("prune")
         if settings.checkpoint_idle_seconds > 0 and not stopping.is_set():
             try:
                 await self._maybe_checkpoint(settings)
             except StorageError as exc:
                 self.on_store_error("checkpoint", exc)
+            else:
+                self.on_store_ok("checkpoint")
 
     async def _maybe_prune(self, settings: RetentionSettings, stopping: asyncio.Event) -> None:
         now = self.monotonic()

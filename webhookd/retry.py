@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import email.utils
+import math
 from dataclasses import dataclass
+from datetime import UTC
 
 from webhookd.settings import RetrySettings
+
+# Statuses whose Retry-After header is honoured (RFC 9110 §10.2.3: 503 and 3xx; RFC 6585: 429).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +73,34 @@ def next_attempt_at(
 def schedule(policy: RetryPolicy) -> list[float]:
     """The nominal delays between attempts (no jitter), for documentation and ``check-config``."""
     return [backoff_delay(policy, n, 0.5) for n in range(1, policy.max_attempts)]
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from ``now`` that a ``Retry-After`` value asks to wait: delta-seconds or an
+    HTTP-date (a date in the past gives 0). None when absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isascii() and text.isdigit():
+        return float(int(text))
+    try:
+        moment = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if moment.tzinfo is None:  # the asctime form carries no zone: every HTTP-date is GMT
+        moment = moment.replace(tzinfo=UTC)
+    seconds = moment.timestamp() - now
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def retry_after_until(
+    status: int | None, value: str | None, now: float, max_seconds: float
+) -> float | None:
+    """When the endpoint may be tried again after a 429/503 carrying ``Retry-After``: ``now``
+    plus what it asks, at most ``max_seconds``. None when there is nothing to honour."""
+    if status not in RETRY_AFTER_STATUSES or max_seconds <= 0:
+        return None
+    seconds = parse_retry_after(value, now)
+    if seconds is None or seconds <= 0:
+        return None
+    return now + min(seconds, max_seconds)

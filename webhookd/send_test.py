@@ -246,6 +246,7 @@ async def send_test(
             else DeliveryState.FAILED
         ),
         next_attempt_at=None,
+        error_kind=None if result.error_kind is None else result.error_kind.value,
     )
     record_error = None
     try:

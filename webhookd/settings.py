@@ -63,6 +63,18 @@ DEFAULT_RETENTION_OUTBOX_SECONDS = 7 * 24 * 3600.0
 DEFAULT_PRUNE_BATCH_SIZE = 500
 DEFAULT_PRUNE_INTERVAL_SECONDS = 60.0
 DEFAULT_CHECKPOINT_IDLE_SECONDS = 5.0
+# Retry-After on 429/503 pauses the endpoint at most this long.
+DEFAULT_RETRY_AFTER_MAX_SECONDS = 3600.0
+DEFAULT_BREAKER_FAILURE_THRESHOLD = 5
+DEFAULT_BREAKER_COOLDOWN_SECONDS = 30.0
+DEFAULT_BREAKER_COOLDOWN_MULTIPLIER = 2.0
+DEFAULT_BREAKER_MAX_COOLDOWN_SECONDS = 3600.0
+DEFAULT_BREAKER_DISABLE_AFTER_SECONDS = 5 * 24 * 3600.0
+# Upper bounds of the delays: each must still be a date (the daemon logs and stores them).
+MAX_RETRY_DELAY_SECONDS = 30 * 24 * 3600.0
+MAX_RETRY_AGE_SECONDS = 365 * 24 * 3600.0
+MAX_BREAKER_COOLDOWN_SECONDS = 7 * 24 * 3600.0
+MAX_BREAKER_DISABLE_AFTER_SECONDS = 365 * 24 * 3600.0
 
 ENDPOINT_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
@@ -136,18 +148,100 @@ class DeliverySettings(_Section):
     allow_http: bool = Field(
         default=False, description="Accept plain http:// endpoint URLs (https only otherwise)."
     )
+    allow_private_networks: bool = Field(
+        default=False,
+        description="Let deliveries connect to loopback, private (RFC 1918, fc00::/7) and CGNAT "
+        "addresses. Link-local ones (the cloud metadata service) stay blocked unless listed in "
+        "allowed_networks.",
+    )
+    allowed_networks: tuple[str, ...] = Field(
+        default=(),
+        description="CIDRs deliveries may connect to although they are not public "
+        "(SSRF protection allows public addresses only), e.g. ['10.20.0.0/16'].",
+    )
+    ca_bundle: Path | None = Field(
+        default=None,
+        description="PEM file of the CAs to trust for https:// endpoints instead of the "
+        "system's; an endpoint's own ca_bundle wins.",
+    )
     header_prefix: str = Field(default=DEFAULT_HEADER_PREFIX, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    retry_after_max_seconds: float = Field(
+        default=DEFAULT_RETRY_AFTER_MAX_SECONDS,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="A Retry-After on 429/503 pauses the whole endpoint, but at most this long "
+        "(never less than the retry schedule); 0 ignores Retry-After.",
+    )
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _check_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        problems, networks = [], []
+        for text in value:
+            try:
+                networks.append(str(ipaddress.ip_network(text.strip())))
+            except ValueError:
+                try:
+                    fixed = ipaddress.ip_network(text.strip(), strict=False)
+                except ValueError:
+                    problems.append(f"{text!r} is not a CIDR such as '10.0.0.0/8' or 'fd00::/8'")
+                else:
+                    problems.append(f"{text!r} has host bits set; did you mean '{fixed}'?")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return tuple(networks)
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _check_ca_bundle(cls, value: Path | None) -> Path | None:
+        return _checked_ca_bundle(value)
 
 
 class RetrySettings(_Section):
-    initial_delay_seconds: float = Field(default=DEFAULT_INITIAL_DELAY_SECONDS, ge=0)
+    initial_delay_seconds: float = Field(
+        default=DEFAULT_INITIAL_DELAY_SECONDS, ge=0, le=MAX_RETRY_DELAY_SECONDS
+    )
     multiplier: float = Field(default=DEFAULT_MULTIPLIER, ge=1, le=100)
-    max_delay_seconds: float = Field(default=DEFAULT_MAX_DELAY_SECONDS, ge=0)
+    max_delay_seconds: float = Field(
+        default=DEFAULT_MAX_DELAY_SECONDS, ge=0, le=MAX_RETRY_DELAY_SECONDS
+    )
     jitter: float = Field(
         default=DEFAULT_JITTER, ge=0, le=1, description="Each delay varies by ± this fraction."
     )
     max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=1000)
-    max_age_seconds: float = Field(default=DEFAULT_MAX_AGE_SECONDS, gt=0)
+    max_age_seconds: float = Field(default=DEFAULT_MAX_AGE_SECONDS, gt=0, le=MAX_RETRY_AGE_SECONDS)
+
+
+class BreakerSettings(_Section):
+    """The per-endpoint circuit breaker: an endpoint that keeps failing is backed off as a
+    whole (its deliveries wait, one probe at a time tests it), and disabled in the end."""
+
+    failure_threshold: int = Field(
+        default=DEFAULT_BREAKER_FAILURE_THRESHOLD,
+        ge=1,
+        le=10_000,
+        description="Consecutive failed attempts that back the endpoint off as a whole.",
+    )
+    cooldown_seconds: float = Field(
+        default=DEFAULT_BREAKER_COOLDOWN_SECONDS,
+        gt=0,
+        le=MAX_BREAKER_COOLDOWN_SECONDS,
+        description="Wait before the first probe; each failed probe multiplies it.",
+    )
+    cooldown_multiplier: float = Field(default=DEFAULT_BREAKER_COOLDOWN_MULTIPLIER, ge=1, le=100)
+    max_cooldown_seconds: float = Field(
+        default=DEFAULT_BREAKER_MAX_COOLDOWN_SECONDS,
+        gt=0,
+        le=MAX_BREAKER_COOLDOWN_SECONDS,
+        description="The longest wait between two probes.",
+    )
+    disable_after_seconds: float = Field(
+        default=DEFAULT_BREAKER_DISABLE_AFTER_SECONDS,
+        ge=0,
+        le=MAX_BREAKER_DISABLE_AFTER_SECONDS,
+        description="An endpoint failing continuously this long is disabled (its deliveries "
+        "are kept); 0 never disables it.",
+    )
 
 
 class OutboxSettings(_Section):
@@ -260,6 +354,15 @@ class EndpointSettings(_Section):
     )
     previous_secret_file: Path | None = None
     previous_secret_expires_at: AwareDatetime | None = None
+    ca_bundle: Path | None = Field(
+        default=None,
+        description="PEM file of the CAs to trust for this endpoint instead of the system's.",
+    )
+
+    @field_validator("ca_bundle")
+    @classmethod
+    def _check_ca_bundle(cls, value: Path | None) -> Path | None:
+        return _checked_ca_bundle(value)
 
     @field_validator("url")
     @classmethod
@@ -327,6 +430,16 @@ class EndpointSettings(_Section):
         return None
 
 
+def _checked_ca_bundle(value: Path | None) -> Path | None:
+    if value is not None:
+        from webhookd.endpoints import ca_bundle_problem
+
+        problem = ca_bundle_problem(str(value))
+        if problem:
+            raise ValueError(problem)
+    return value
+
+
 def read_secret_file(path: Path) -> str:
     if str(path).startswith(CREDENTIAL_PREFIXES):
         raise ValueError(
@@ -361,6 +474,7 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     delivery: DeliverySettings = DeliverySettings()
     retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
     outbox: OutboxSettings = OutboxSettings()
     daemon: DaemonSettings = DaemonSettings()
     retention: RetentionSettings = RetentionSettings()
@@ -434,12 +548,17 @@ def _resolve_relative_paths(data: dict[str, Any], base_dir: Path) -> None:
     database = data.get("database")
     if isinstance(database, dict) and isinstance(database.get("path"), str):
         database["path"] = str(base_dir / Path(database["path"]).expanduser())
+    delivery = data.get("delivery")
+    if isinstance(delivery, dict) and isinstance(delivery.get("ca_bundle"), str):
+        delivery["ca_bundle"] = str(base_dir / Path(delivery["ca_bundle"]).expanduser())
     endpoints = data.get("endpoints")
     if isinstance(endpoints, list):
         for item in endpoints:
             for key in ("secret_file", "previous_secret_file"):
                 if isinstance(item, dict) and isinstance(item.get(key), str):
                     item[key] = resolve_secret_path(item[key], base_dir)
+            if isinstance(item, dict) and isinstance(item.get("ca_bundle"), str):
+                item["ca_bundle"] = str(base_dir / Path(item["ca_bundle"]).expanduser())
 
 
 def resolve_secret_path(value: str, base_dir: Path) -> str:
@@ -454,7 +573,7 @@ def resolve_secret_path(value: str, base_dir: Path) -> str:
 
 
 # Values of these keys are never echoed in errors: secrets, and URLs (they may hold credentials).
-_UNECHOED_KEYS = frozenset({"secret", "url"})
+_UNECHOED_KEYS = frozenset({"secret", "previous_secret", "url", "headers"})
 
 
 def format_validation_errors(exc: ValidationError) -> list[str]:
@@ -558,6 +677,8 @@ def _secret_problems(ep: Mapping[str, Any]) -> list[str]:
             if isinstance(value, SecretStr):
                 text = value.get_secret_value()
             elif key.endswith("_file"):
+                if not isinstance(value, str | Path):
+                    continue  # a wrong type is reported by the field's own check
                 try:
                     text = read_secret_file(Path(value))
                 except ValueError:

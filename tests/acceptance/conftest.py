@@ -265,11 +265,16 @@ class Workspace:
         return self.dir / "webhookd.toml"
 
     def base_config(self) -> dict[str, Any]:
-        """Fast test defaults: plain http to loopback receivers, short retries, JSON logs."""
+        """Fast test defaults: plain http to loopback receivers (allowed past SSRF protection),
+        short retries, JSON logs."""
         return {
             "database": {"path": str(self.db)},
             "http": {"listen": f"127.0.0.1:{self.port}"},
-            "delivery": {"allow_http": True, "timeout_seconds": 10.0},
+            "delivery": {
+                "allow_http": True,
+                "allowed_networks": ["127.0.0.0/8", "::1/128"],
+                "timeout_seconds": 10.0,
+            },
             "retry": {
                 "initial_delay_seconds": 0.2,
                 "multiplier": 2.0,

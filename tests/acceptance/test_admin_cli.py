@@ -387,6 +387,9 @@ def test_bulk_retry_by_filter_with_a_rate_cap(
             {"id": "ok", "url": healthy.url, "secret": "ok-secret-value"},
         ],
         retry={"max_attempts": 1},
+        # Twelve dead letters in a row: the circuit breaker (test_breaker.py) must not hold
+        # the last ones back.
+        breaker={"failure_threshold": 100},
     )
     workspace.cli_ok("migrate")
     daemon = workspace.start()

@@ -257,7 +257,8 @@ def test_database_shared_through_the_group_works_for_both_users(
     config = shared_dir.parent / "config.toml"
     config.write_text(
         f'[database]\npath = "{db}"\n[http]\nlisten = "127.0.0.1:{free_port()}"\n'
-        '[delivery]\nallow_http = true\n[log]\nformat = "json"\n'
+        '[delivery]\nallow_http = true\nallowed_networks = ["127.0.0.0/8", "::1/128"]\n'
+        '[log]\nformat = "json"\n'
         f'[[endpoints]]\nid = "crm"\nurl = "{receiver.url}"\nsecret = "perm-secret"\n',
         encoding="utf-8",
     )

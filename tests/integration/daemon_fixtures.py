@@ -4,7 +4,8 @@
   headers, body) and answers each one as the test scripts it: a status, or "hang" (never answer
   until the receiver is released or closed). It tracks how many requests it was handling at once.
 - :func:`running_daemon`: ``Daemon(settings).run()`` as a task, for the duration of a block.
-- :func:`daemon_settings`: test settings (database in ``tmp_path``, fast retries, http allowed).
+- :func:`daemon_settings`: test settings (database in ``tmp_path``, fast retries, http and
+  loopback addresses allowed).
 - :func:`insert_outbox`, :func:`insert_endpoint`, :func:`query`, :func:`execute`: plain
   ``sqlite3`` on the daemon's database file, as an application would use it.
 - :func:`eventually`: poll a condition with a bound.
@@ -43,6 +44,10 @@ WAIT_TIMEOUT_SECONDS = 15.0
 POLL_INTERVAL_SECONDS = 0.01
 RECEIVER_SHUTDOWN_TIMEOUT_SECONDS = 2.0
 SQLITE_TIMEOUT_SECONDS = 10.0
+
+# SSRF protection refuses loopback by default: test daemons that post to receivers on
+# 127.0.0.1 (or ::1) allow it explicitly.
+LOOPBACK_NETWORKS = ["127.0.0.0/8", "::1/128"]
 
 HANG: Literal["hang"] = "hang"
 Answer = int | Literal["hang"]
@@ -206,7 +211,13 @@ def daemon_settings(
     base: dict[str, Any] = {
         "database": {"path": str(tmp_path / "webhookd.db")},
         "http": {"listen": "127.0.0.1:0" if http else ""},
-        "delivery": {"allow_http": True, "timeout_seconds": 10.0, "connect_timeout_seconds": 5.0},
+        "delivery": {
+            "allow_http": True,
+            # SSRF protection refuses loopback by default; the receivers here live on it.
+            "allowed_networks": LOOPBACK_NETWORKS,
+            "timeout_seconds": 10.0,
+            "connect_timeout_seconds": 5.0,
+        },
         "retry": {
             "initial_delay_seconds": 0.2,
             "multiplier": 2.0,

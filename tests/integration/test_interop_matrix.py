@@ -458,9 +458,13 @@ async def receivers(
 
 
 def interop_settings(tmp_path: Path) -> Settings:
-    # Quick retries that never run out, so that refused deliveries stay pending for the test.
+    # Quick retries that never run out, so that refused deliveries stay pending for the test;
+    # receivers refuse on purpose here, so the circuit breaker (test_breaker.py) stays closed.
     return daemon_settings(
-        tmp_path, retry={"max_attempts": 1000, "max_delay_seconds": 0.5}, log={"level": "error"}
+        tmp_path,
+        retry={"max_attempts": 1000, "max_delay_seconds": 0.5},
+        breaker={"failure_threshold": 10_000},
+        log={"level": "error"},
     )
 
 

@@ -32,6 +32,7 @@ EXPECTED_TABLES = {
     "webhookd_attempts",
     "webhookd_quarantine",
     "webhookd_schema",
+    "webhookd_endpoint_state",  # the circuit breaker's state, kept across restarts
 }
 # DESIGN.md, "Outbox contract": (name, declared type, NOT NULL, part of the primary key)
 OUTBOX_COLUMNS = [

@@ -48,12 +48,16 @@ class Setup:
     config: Path = field(init=False)
     db: Path = field(init=False)
 
-    def write_config(
-        self, endpoints: Sequence[Mapping[str, Any]] = (), **delivery: float | bool
-    ) -> None:
-        """A TOML config: the database in tmp_path, http:// allowed, these endpoints."""
+    def write_config(self, endpoints: Sequence[Mapping[str, Any]] = (), **delivery: object) -> None:
+        """A TOML config: the database in tmp_path, http:// and loopback addresses allowed,
+        these endpoints."""
         self.db = self.tmp_path / "webhookd.db"
-        options = {"allow_http": True, "timeout_seconds": 10.0, **delivery}
+        options = {
+            "allow_http": True,
+            "allowed_networks": ["127.0.0.0/8", "::1/128"],
+            "timeout_seconds": 10.0,
+            **delivery,
+        }
         lines = ["[database]", f"path = {json.dumps(str(self.db))}", "", "[delivery]"]
         lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
         for ep in endpoints:

@@ -26,6 +26,8 @@ from webhookd.models import (
     DeliveryFilter,
     DeliveryState,
     Endpoint,
+    EndpointState,
+    EndpointStatus,
     Event,
     FanoutPlan,
     NewDelivery,
@@ -698,6 +700,7 @@ async def test_endpoints_version_moves_on_insert_update_and_delete(harness: Harn
             "signature_schemes": "seed",
             "previous_secret": None,
             "previous_secret_expires_at": None,
+            "ca_bundle": None,
         }
     ]
     assert await store.endpoints_version() == v1  # reading changes nothing
@@ -735,6 +738,7 @@ async def test_endpoints_version_moves_on_insert_update_and_delete(harness: Harn
         "signature_schemes": "seed",
         "previous_secret": None,
         "previous_secret_expires_at": None,
+        "ca_bundle": None,
     }
 
     app.delete_endpoint("shop")
@@ -1459,3 +1463,135 @@ async def test_stats_backlog_rates_and_failures_by_endpoint(harness: Harness) ->
     assert (await store.stats(NOW + 50, NOW - 10_000, 1)).failures_by_endpoint == (("a", 2),)
     later = await store.stats(NOW + 1000, NOW + 1000, 10)
     assert (later.due, later.attempts, later.quarantined) == (4, 0, 0)
+
+
+async def test_an_endpoints_ca_bundle_is_read_from_its_column(harness: Harness) -> None:
+    app, store = harness.app, harness.store
+    app.upsert_endpoint({"id": "plain", "url": "https://a.example/h", "secret": "s"})
+    app.upsert_endpoint(
+        {
+            "id": "internal",
+            "url": "https://hooks.internal/h",
+            "secret": "s",
+            "ca_bundle": "/etc/webhookd/internal-ca.pem",
+        }
+    )
+    rows = {r["id"]: r for r in await store.table_endpoints()}
+    assert rows["internal"]["ca_bundle"] == "/etc/webhookd/internal-ca.pem"
+    assert rows["plain"]["ca_bundle"] is None
+
+
+# -- the circuit breaker's state (webhookd_endpoint_state) and error kinds ---------------------
+
+
+def breaker_state(endpoint_id: str, status: EndpointStatus, **extra: object) -> EndpointState:
+    values: dict[str, object] = {"since": NOW, "updated_at": NOW + 1, **extra}
+    return EndpointState(endpoint_id, status, **values)  # type: ignore[arg-type]
+
+
+async def test_endpoint_states_are_saved_replaced_and_kept_for_the_next_daemon(
+    harness: Harness,
+) -> None:
+    store = harness.store
+    assert await store.endpoint_states() == {}
+    backing_off = breaker_state(
+        "a",
+        EndpointStatus.BACKING_OFF,
+        reason="5 consecutive failures, the last: HTTP 500",
+        consecutive_failures=5,
+        failing_since=NOW - 60,
+        paused_until=NOW + 30.5,
+        cooldown_level=2,
+    )
+    gone = breaker_state(
+        "b",
+        EndpointStatus.DISABLED,
+        reason="410 Gone",
+        consecutive_failures=1,
+        failing_since=NOW,
+        disabled_reason="410 Gone",
+    )
+    version = await store.endpoints_version()
+    await store.save_endpoint_state(backing_off)
+    await store.save_endpoint_state(gone)
+    assert await store.endpoint_states() == {"a": backing_off, "b": gone}
+
+    recovered = breaker_state("a", EndpointStatus.OK, since=NOW + 40, updated_at=NOW + 40)
+    await store.save_endpoint_state(recovered)
+    restarted = await harness.another_store()
+    assert await restarted.endpoint_states() == {"a": recovered, "b": gone}
+    assert await store.endpoints_version() == version  # the daemon's own writes: no reload
+
+
+async def test_a_disabled_state_can_disable_the_table_row_in_the_same_write(
+    harness: Harness,
+) -> None:
+    app, store = harness.app, harness.store
+    app.upsert_endpoint({"id": "a", "url": "https://a.example/h", "secret": "s"})
+    app.upsert_endpoint({"id": "b", "url": "https://b.example/h", "secret": "s"})
+    version = await store.endpoints_version()
+
+    await store.save_endpoint_state(breaker_state("a", EndpointStatus.DISABLED), disable_row=True)
+    await store.save_endpoint_state(breaker_state("b", EndpointStatus.DISABLED))
+
+    enabled = {r["id"]: r["enabled"] for r in await store.table_endpoints()}
+    assert enabled == {"a": 0, "b": 1}
+    assert await store.endpoints_version() == version + 1  # the row's update trigger
+    # Saving it again changes nothing more; a config endpoint (no row) is only a state row.
+    await store.save_endpoint_state(breaker_state("a", EndpointStatus.DISABLED), disable_row=True)
+    await store.save_endpoint_state(breaker_state("cfg", EndpointStatus.DISABLED), disable_row=True)
+    assert await store.endpoints_version() == version + 1
+    assert set(await store.endpoint_states()) == {"a", "b", "cfg"}
+
+
+async def test_clearing_an_endpoint_state_wakes_a_running_daemon(harness: Harness) -> None:
+    store = harness.store
+    gone = breaker_state("a", EndpointStatus.DISABLED, disabled_reason="410 Gone")
+    await store.save_endpoint_state(gone)
+    version = await store.endpoints_version()
+    daemon = await harness.another_store()
+
+    assert await store.clear_endpoint_state("a") == gone
+    assert await daemon.endpoints_version() == version + 1
+    assert await daemon.endpoint_states() == {}
+    assert await store.clear_endpoint_state("a") is None  # nothing to clear: nothing written
+    assert await store.clear_endpoint_state("never-seen") is None
+    assert await daemon.endpoints_version() == version + 1
+
+
+async def test_attempts_keep_their_error_kind(harness: Harness) -> None:
+    app, store = harness.app, harness.store
+    booking(app, 1)
+    await store.fan_out(planner(), BATCH, NOW)
+    [d] = await store.claim_due("a", NOW, 10)
+    outcome = replace(
+        failed_attempt(d, next_at=NOW + 5),
+        status_code=None,
+        result=AttemptResult.NETWORK_ERROR,
+        error="DNS lookup failed for hooks.example: Name or service not known",
+        error_kind="dns",
+    )
+    await store.record([outcome], {d.pk: "a"})
+    await store.record_test_send(
+        sent_test_event(),
+        "b",
+        "dlv_test_kind",
+        replace(
+            sent_test_outcome(DeliveryState.FAILED, 302, AttemptResult.HTTP_ERROR),
+            error_kind="redirect",
+        ),
+    )
+
+    [listed] = await store.list_deliveries(DeliveryFilter(endpoint_id="a"))
+    shown = await store.get_delivery(listed.delivery_id)
+    assert shown is not None
+    assert [(a.result, a.error_kind) for a in shown.attempt_log] == [("network_error", "dns")]
+    test_send = await store.get_delivery("dlv_test_kind")
+    assert test_send is not None
+    assert [a.error_kind for a in test_send.attempt_log] == ["redirect"]
+    [succeeded] = await store.claim_due("b", NOW, 10)
+    await store.record([succeeded_attempt(succeeded)], {succeeded.pk: "b"})
+    [done] = await store.list_deliveries(DeliveryFilter(endpoint_id="b", state="succeeded"))
+    ok = await store.get_delivery(done.delivery_id)
+    assert ok is not None
+    assert [a.error_kind for a in ok.attempt_log] == [None]

@@ -165,6 +165,7 @@ path = "{tmp_path / "webhookd.db"}"
 listen = "127.0.0.1:{port}"
 [delivery]
 allow_http = true
+allowed_networks = ["127.0.0.0/8", "::1/128"]
 [daemon]
 grace_seconds = 2.0
 [log]

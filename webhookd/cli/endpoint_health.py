@@ -1,5 +1,5 @@
-"""Endpoint health for `webhookd endpoints list|show`: state, success rate and p95 latency
-over a recent window, the last error, pending deliveries."""
+"""Endpoint health for `webhookd endpoints list|show`: state (with the circuit breaker's, and
+why), success rate and p95 latency over a recent window, the last error, pending deliveries."""
 
 from __future__ import annotations
 
@@ -8,16 +8,49 @@ from typing import Any
 
 from webhookd import endpoints as endpoints_mod
 from webhookd.cli.common import human_seconds, iso
-from webhookd.models import Endpoint, EndpointHealth
+from webhookd.models import Endpoint, EndpointHealth, EndpointState, EndpointStatus
 from webhookd.settings import Settings
 from webhookd.store.base import Store
 
 
-def endpoint_state(ep: Endpoint) -> str:
-    """``invalid`` (the daemon cannot use it), ``enabled`` or ``disabled``."""
+def endpoint_state(ep: Endpoint, circuit: EndpointState | None = None) -> str:
+    """``invalid`` (the daemon cannot use it), ``disabled`` (by its configuration, or by the
+    daemon: 410 Gone, failing too long), ``backing_off`` (the circuit breaker) or ``enabled``."""
     if ep.problem:
         return "invalid"
-    return "enabled" if ep.enabled else "disabled"
+    if not ep.enabled or (circuit is not None and circuit.state is EndpointStatus.DISABLED):
+        return "disabled"
+    if circuit is not None and circuit.state is EndpointStatus.BACKING_OFF:
+        return "backing_off"
+    return "enabled"
+
+
+def circuit_dict(circuit: EndpointState | None) -> dict[str, Any]:
+    """The circuit breaker's view of an endpoint, for ``--json``."""
+    if circuit is None:
+        circuit = EndpointState("")
+    return {
+        "state": circuit.state.value,
+        "reason": circuit.reason,
+        "since": iso(circuit.since) if circuit.since else None,
+        "consecutive_failures": circuit.consecutive_failures,
+        "failing_since": iso(circuit.failing_since),
+        "paused_until": iso(circuit.paused_until),
+        "disabled_reason": circuit.disabled_reason,
+    }
+
+
+def circuit_note(ep_id: str, circuit: EndpointState | None) -> str | None:
+    """One line saying why an endpoint is backing off or was disabled by the daemon."""
+    if circuit is None or circuit.state is EndpointStatus.OK:
+        return None
+    if circuit.state is EndpointStatus.DISABLED:
+        return (
+            f"{ep_id}: disabled since {iso(circuit.since)}: {circuit.disabled_reason}; its "
+            f"pending deliveries are kept: `webhookd endpoints enable {ep_id}` resumes it"
+        )
+    until = f" until {iso(circuit.paused_until)}" if circuit.paused_until is not None else ""
+    return f"{ep_id}: backing off{until} (then one probe at a time): {circuit.reason}"
 
 
 def health_dict(health: EndpointHealth, window_seconds: float) -> dict[str, Any]:
@@ -39,7 +72,11 @@ def health_dict(health: EndpointHealth, window_seconds: float) -> dict[str, Any]
 
 
 def endpoint_dict(
-    ep: Endpoint | None, ep_id: str, health: EndpointHealth, window_seconds: float
+    ep: Endpoint | None,
+    ep_id: str,
+    health: EndpointHealth,
+    window_seconds: float,
+    circuit: EndpointState | None = None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"id": ep_id}
     if ep is None:  # deliveries are pending for an endpoint that no longer exists
@@ -49,7 +86,7 @@ def endpoint_dict(
         out.update(
             url=ep.url,
             source=ep.source,
-            state=endpoint_state(ep),
+            state=endpoint_state(ep, circuit),
             events=list(ep.events),
             tenant=ep.tenant,
             enabled=ep.enabled,
@@ -61,6 +98,7 @@ def endpoint_dict(
         )
     out["pending"] = health.pending
     out["health"] = health_dict(health, window_seconds)
+    out["circuit"] = circuit_dict(circuit)
     return out
 
 

@@ -30,6 +30,7 @@ from webhookd.cli.common import (
     with_store,
 )
 from webhookd.cli.endpoint_health import (
+    circuit_note,
     endpoint_dict,
     endpoint_state,
     endpoints_with_health,
@@ -39,6 +40,7 @@ from webhookd.cli.endpoint_health import (
     span_text,
 )
 from webhookd.errors import NotFoundError, PayloadError, WebhookdError
+from webhookd.models import Endpoint, EndpointHealth, EndpointState, EndpointStatus
 from webhookd.settings import Settings
 from webhookd.signing import active_secrets, generate_secret
 from webhookd.store.base import Store, endpoint_row
@@ -51,14 +53,27 @@ PICKED_UP = "a running daemon picks the change up within a second, without a res
 # -- list / show -------------------------------------------------------------------------------
 
 
+_Listing = tuple[list[tuple[str, Endpoint | None, EndpointHealth]], dict[str, EndpointState]]
+
+
+def _listing(settings: Settings, window: float) -> _Listing:
+    """Every endpoint with its health, and the circuit breaker's states."""
+
+    async def go(store: Store) -> _Listing:
+        items = await endpoints_with_health(store, settings, window)
+        return items, await store.endpoint_states()
+
+    return run_async(with_store(settings, go))
+
+
 def cmd_endpoints_list(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     window = args.window
-    items = run_async(
-        with_store(settings, lambda store: endpoints_with_health(store, settings, window))
-    )
+    items, circuits = _listing(settings, window)
     if args.json:
-        print_json([endpoint_dict(ep, ep_id, h, window) for ep_id, ep, h in items])
+        print_json(
+            [endpoint_dict(ep, ep_id, h, window, circuits.get(ep_id)) for ep_id, ep, h in items]
+        )
         return EXIT_OK
     if not items:
         print("no endpoints: add [[endpoints]] to the config file, or `webhookd endpoints add`")
@@ -68,7 +83,7 @@ def cmd_endpoints_list(args: argparse.Namespace) -> int:
         (
             ep_id,
             ep.source if ep else "-",
-            endpoint_state(ep) if ep else "unknown",
+            endpoint_state(ep, circuits.get(ep_id)) if ep else "unknown",
             ",".join(ep.events) if ep else "",
             (ep.tenant or "*") if ep else "",
             h.pending,
@@ -87,15 +102,17 @@ def cmd_endpoints_list(args: argparse.Namespace) -> int:
             print(f"{ep_id}: has pending deliveries but no longer exists", file=sys.stderr)
         elif ep.problem:
             print(f"{ep.id}: {ep.problem}", file=sys.stderr)
+        else:
+            note = circuit_note(ep_id, circuits.get(ep_id))
+            if note is not None:
+                print(note, file=sys.stderr)
     return EXIT_OK
 
 
 def cmd_endpoints_show(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     window = args.window
-    items = run_async(
-        with_store(settings, lambda store: endpoints_with_health(store, settings, window))
-    )
+    items, circuits = _listing(settings, window)
     # The merged endpoint (the one the daemon uses) comes before a shadowed table row.
     found = next((item for item in items if item[0] == args.endpoint_id), None)
     if found is None:
@@ -103,8 +120,9 @@ def cmd_endpoints_show(args: argparse.Namespace) -> int:
             f"no endpoint {args.endpoint_id!r}; `webhookd endpoints list` shows them"
         )
     ep_id, ep, health = found
+    circuit = circuits.get(ep_id)
     if args.json:
-        print_json(endpoint_dict(ep, ep_id, health, window))
+        print_json(endpoint_dict(ep, ep_id, health, window, circuit))
         return EXIT_OK
     now = time.time()
     print(f"endpoint     {ep_id}")
@@ -112,7 +130,17 @@ def cmd_endpoints_show(args: argparse.Namespace) -> int:
         print("state        unknown (removed; its pending deliveries wait for it to come back)")
     else:
         print(f"source       {ep.source}")
-        print(f"state        {endpoint_state(ep)}")
+        print(f"state        {endpoint_state(ep, circuit)}")
+        if circuit is not None and circuit.state is not EndpointStatus.OK:
+            print(f"since        {iso(circuit.since)}")
+            print(f"reason       {circuit.disabled_reason or circuit.reason}")
+            if circuit.paused_until is not None:
+                print(f"next probe   {iso(circuit.paused_until)} (then one at a time)")
+        if circuit is not None and circuit.consecutive_failures:
+            print(
+                f"failures     {circuit.consecutive_failures} in a row, since "
+                f"{iso(circuit.failing_since)}"
+            )
         print(f"url          {ep.url}")
         print(f"events       {', '.join(ep.events)}")
         print(f"tenant       {ep.tenant or '* (every tenant)'}")
@@ -319,7 +347,45 @@ def _set_enabled(args: argparse.Namespace, enabled: bool) -> int:
 
 
 def cmd_endpoints_enable(args: argparse.Namespace) -> int:
-    return _set_enabled(args, True)
+    """Enable a table endpoint's row, and clear what the daemon decided about any endpoint:
+    disabled (410 Gone, failing too long) or backing off. Its pending deliveries resume."""
+    settings = settings_from_args(args)
+    static = next((ep for ep in settings.endpoints if ep.id == args.endpoint_id), None)
+    if static is not None and not static.enabled:
+        _refuse_config_endpoint(settings, args.endpoint_id, "enable (enabled = true)")
+
+    async def go(store: Store) -> tuple[bool, EndpointState | None, int]:
+        row_changed = False
+        if static is None:
+            row = await _table_row(store, args.endpoint_id)
+            if row.get("enabled") != 1:
+                row["enabled"] = 1
+                _validated(row, settings, "enable")
+                row_changed = await store.update_endpoint(row)
+        else:
+            circuit = (await store.endpoint_states()).get(args.endpoint_id)
+            if circuit is None or circuit.state is EndpointStatus.OK:
+                raise WebhookdError(
+                    f"endpoint {args.endpoint_id!r} is defined in the config file and the daemon "
+                    "has neither disabled it nor backed off from it: there is nothing to enable "
+                    "(its `enabled` setting lives in the config file)"
+                )
+        cleared = await store.clear_endpoint_state(args.endpoint_id)
+        pending = (await store.pending_counts()).get(args.endpoint_id, 0)
+        return row_changed, cleared, pending
+
+    row_changed, cleared, pending = run_async(with_store(settings, go))
+    was = cleared if cleared is not None and cleared.state is not EndpointStatus.OK else None
+    if not row_changed and was is None:
+        print(f"endpoint {args.endpoint_id!r} was already enabled", file=sys.stderr)
+        return EXIT_OK
+    print(f"endpoint {args.endpoint_id!r} enabled; {PICKED_UP}", file=sys.stderr)
+    if was is not None:
+        why = was.disabled_reason or was.reason
+        print(f"it was {was.state.value} since {iso(was.since)}: {why}", file=sys.stderr)
+    if pending:
+        print(f"its {pending} pending deliveries are sent now", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_endpoints_disable(args: argparse.Namespace) -> int:
@@ -489,7 +555,12 @@ def register(sub: Any, parents: Parents) -> None:
     p.add_argument("--no-headers", action="store_true", help="remove every extra header")
     p.set_defaults(func=cmd_endpoints_update)
     for name, func, text in (
-        ("enable", cmd_endpoints_enable, "send to a table endpoint again"),
+        (
+            "enable",
+            cmd_endpoints_enable,
+            "send to an endpoint again: a disabled table endpoint, or one the daemon disabled "
+            "(410 Gone, failing too long) or is backing off from",
+        ),
         ("disable", cmd_endpoints_disable, "stop sending to a table endpoint (pending ones wait)"),
     ):
         p = esub.add_parser(name, help=text, parents=[parents.common])

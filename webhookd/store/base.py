@@ -22,6 +22,7 @@ from webhookd.models import (
     DeliveryState,
     EndpointHealth,
     EndpointRemoval,
+    EndpointState,
     Event,
     EventRecord,
     FanoutPlan,
@@ -106,6 +107,23 @@ class StoreBackend(Protocol):
         ...
 
     async def pending_counts(self) -> dict[str, int]: ...
+
+    # -- the circuit breaker (webhookd_endpoint_state) ----------------------------------------
+
+    async def endpoint_states(self) -> dict[str, EndpointState]:
+        """Every endpoint's stored state, by id (an endpoint without one is ok)."""
+        ...
+
+    async def save_endpoint_state(self, state: EndpointState, *, disable_row: bool) -> None:
+        """Write the endpoint's state. With ``disable_row`` (a table endpoint the daemon
+        disabled) also set its webhook_endpoints row's ``enabled`` to 0, atomically."""
+        ...
+
+    async def clear_endpoint_state(self, endpoint_id: str) -> EndpointState | None:
+        """Delete the endpoint's state (it starts afresh, ok) and move ``endpoints_version``
+        so that a running daemon notices; the state deleted, or None (nothing written)."""
+        ...
+
     async def list_deliveries(self, filters: DeliveryFilter) -> list[DeliveryRecord]: ...
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None: ...
     async def list_quarantine(self, limit: int) -> list[QuarantineRecord]: ...
@@ -211,6 +229,7 @@ ENDPOINT_ROW_COLUMNS: tuple[str, ...] = (
     "signature_schemes",
     "previous_secret",
     "previous_secret_expires_at",
+    "ca_bundle",
 )
 ENDPOINT_ROW_DEFAULTS: Mapping[str, object] = {
     "events": "*",
@@ -222,6 +241,7 @@ ENDPOINT_ROW_DEFAULTS: Mapping[str, object] = {
     "signature_schemes": "seed",
     "previous_secret": None,
     "previous_secret_expires_at": None,
+    "ca_bundle": None,
 }
 
 
@@ -355,6 +375,24 @@ class Store:
 
     async def pending_counts(self) -> dict[str, int]:
         return await self.backend.pending_counts()
+
+    async def endpoint_states(self) -> dict[str, EndpointState]:
+        return await self.backend.endpoint_states()
+
+    async def save_endpoint_state(self, state: EndpointState, *, disable_row: bool = False) -> None:
+        await self.backend.save_endpoint_state(state, disable_row=disable_row)
+
+    async def clear_endpoint_state(self, endpoint_id: str) -> EndpointState | None:
+        cleared = await self.backend.clear_endpoint_state(endpoint_id)
+        if cleared is not None:
+            log_event(
+                logger,
+                logging.INFO,
+                "endpoint_state_cleared",
+                endpoint=endpoint_id,
+                was=cleared.state.value,
+            )
+        return cleared
 
     async def list_deliveries(self, filters: DeliveryFilter) -> list[DeliveryRecord]:
         return await self.backend.list_deliveries(filters)

@@ -35,6 +35,7 @@ from webhookd.models import (
     DeliveryState,
     EndpointHealth,
     EndpointRemoval,
+    EndpointState,
     Event,
     EventRecord,
     FanoutResult,
@@ -66,6 +67,7 @@ ENDPOINT_COLUMNS = (
     "signature_schemes",
     "previous_secret",
     "previous_secret_expires_at",
+    "ca_bundle",
 )
 ENDPOINT_DEFAULTS: Mapping[str, object] = {
     "events": "*",
@@ -77,6 +79,7 @@ ENDPOINT_DEFAULTS: Mapping[str, object] = {
     "signature_schemes": "seed",
     "previous_secret": None,
     "previous_secret_expires_at": None,
+    "ca_bundle": None,
 }
 _ENDPOINT_REQUIRED = ("id", "url", "secret")
 _INTEGER_COLUMNS = frozenset({"enabled", "max_concurrency"})
@@ -146,6 +149,7 @@ class MemoryDatabase:
     deliveries: dict[int, _DeliveryEntry] = field(default_factory=dict)
     attempts: list[_AttemptEntry] = field(default_factory=list)
     quarantine: dict[int, QuarantineRecord] = field(default_factory=dict)
+    endpoint_states: dict[str, EndpointState] = field(default_factory=dict)
     data_version: int = 0  # bumped by every commit, like PRAGMA data_version
     owner: object | None = None  # the backend that claimed ownership
 
@@ -446,6 +450,7 @@ class MemoryBackend:
                         o.status_code,
                         o.error,
                         o.response_excerpt,
+                        o.error_kind,
                     ),
                 )
             )
@@ -518,6 +523,7 @@ class MemoryBackend:
                     outcome.status_code,
                     outcome.error,
                     outcome.response_excerpt,
+                    outcome.error_kind,
                 ),
             )
         )
@@ -536,6 +542,29 @@ class MemoryBackend:
             if d.state == DeliveryState.PENDING:
                 counts[d.endpoint_id] = counts.get(d.endpoint_id, 0) + 1
         return dict(sorted(counts.items()))
+
+    # -- the circuit breaker -----------------------------------------------------------------
+
+    async def endpoint_states(self) -> dict[str, EndpointState]:
+        db = self._db("read endpoint states")
+        return dict(sorted(db.endpoint_states.items()))
+
+    async def save_endpoint_state(self, state: EndpointState, *, disable_row: bool) -> None:
+        db = self._db("save endpoint state")
+        db.endpoint_states[state.endpoint_id] = state
+        row = db.endpoints.get(state.endpoint_id)
+        if disable_row and row is not None and row["enabled"] != 0:
+            row["enabled"] = 0
+            db.endpoints_version += 1  # the update trigger
+        db.commit()
+
+    async def clear_endpoint_state(self, endpoint_id: str) -> EndpointState | None:
+        db = self._db("clear endpoint state")
+        cleared = db.endpoint_states.pop(endpoint_id, None)
+        if cleared is not None:
+            db.endpoints_version += 1
+            db.commit()
+        return cleared
 
     async def list_deliveries(self, filters: DeliveryFilter) -> list[DeliveryRecord]:
         return self._deliveries(self._db("list deliveries"), filters, None)

@@ -39,6 +39,8 @@ from webhookd.models import (
     DeliveryState,
     EndpointHealth,
     EndpointRemoval,
+    EndpointState,
+    EndpointStatus,
     Event,
     EventRecord,
     FanoutResult,
@@ -380,7 +382,7 @@ class SQLiteBackend:
         rows = await self._read("read endpoints", _Q["table_endpoints"])
         keys = ("id", "url", "secret", "events", "tenant", "enabled", "max_concurrency",
                 "headers", "description", "signature_schemes", "previous_secret",
-                "previous_secret_expires_at")  # fmt: skip
+                "previous_secret_expires_at", "ca_bundle")  # fmt: skip
         return [dict(zip(keys, row, strict=True)) for row in rows]
 
     async def rotate_secret(self, endpoint_id: str, secret: str, expires_at: str) -> bool:
@@ -453,6 +455,7 @@ class SQLiteBackend:
                         o.status_code,
                         o.error,
                         o.response_excerpt,
+                        o.error_kind,
                     )
                     for o in outcomes
                 ],
@@ -520,6 +523,7 @@ class SQLiteBackend:
                     outcome.status_code,
                     outcome.error,
                     outcome.response_excerpt,
+                    outcome.error_kind,
                 ),
             )
 
@@ -534,6 +538,46 @@ class SQLiteBackend:
     async def pending_counts(self) -> dict[str, int]:
         rows = await self._read("count pending", _Q["pending_counts"])
         return {str(r[0]): int(r[1]) for r in rows}
+
+    # -- the circuit breaker -----------------------------------------------------------------
+
+    async def endpoint_states(self) -> dict[str, EndpointState]:
+        rows = await self._read("read endpoint states", _Q["endpoint_states"])
+        return {str(r[0]): _endpoint_state(r) for r in rows}
+
+    async def save_endpoint_state(self, state: EndpointState, *, disable_row: bool) -> None:
+        async def write(conn: aiosqlite.Connection) -> None:
+            await conn.execute(
+                _Q["save_endpoint_state"],
+                {
+                    "endpoint_id": state.endpoint_id,
+                    "state": state.state.value,
+                    "reason": state.reason,
+                    "since": state.since,
+                    "consecutive_failures": state.consecutive_failures,
+                    "failing_since": state.failing_since,
+                    "paused_until": state.paused_until,
+                    "cooldown_level": state.cooldown_level,
+                    "disabled_reason": state.disabled_reason,
+                    "updated_at": state.updated_at,
+                },
+            )
+            if disable_row:
+                await conn.execute(_Q["disable_endpoint_row"], {"id": state.endpoint_id})
+
+        await self._transaction("save endpoint state", write)
+
+    async def clear_endpoint_state(self, endpoint_id: str) -> EndpointState | None:
+        async def write(conn: aiosqlite.Connection) -> EndpointState | None:
+            rows = list(
+                await conn.execute_fetchall(_Q["clear_endpoint_state"], {"id": endpoint_id})
+            )
+            if not rows:
+                return None
+            await conn.execute(_Q["bump_endpoints_version"])
+            return _endpoint_state(rows[0])
+
+        return await self._transaction("clear endpoint state", write)
 
     async def list_deliveries(self, filters: DeliveryFilter) -> list[DeliveryRecord]:
         return await self._deliveries(filters, None)
@@ -796,6 +840,21 @@ class SQLiteBackend:
             quarantined=int(backlog[5]),
             failures_by_endpoint=tuple((str(e), int(n)) for e, n in failures),
         )
+
+
+def _endpoint_state(r: Any) -> EndpointState:
+    return EndpointState(
+        endpoint_id=str(r[0]),
+        state=EndpointStatus(r[1]),
+        reason=r[2],
+        since=float(r[3]),
+        consecutive_failures=int(r[4]),
+        failing_since=r[5],
+        paused_until=r[6],
+        cooldown_level=int(r[7]),
+        disabled_reason=r[8],
+        updated_at=float(r[9]),
+    )
 
 
 def _split_statements(script: str) -> list[str]:

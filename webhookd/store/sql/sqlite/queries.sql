@@ -60,8 +60,8 @@ ORDER BY next_attempt_at LIMIT 1;
 
 -- name: insert_attempt
 INSERT INTO webhookd_attempts (delivery_pk, attempt_no, started_at, duration_seconds, result,
-                               status_code, error, response_excerpt)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?);
+                               status_code, error, response_excerpt, error_kind)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?);
 
 -- name: update_delivery
 UPDATE webhookd_deliveries
@@ -73,7 +73,7 @@ SELECT endpoint_id, COUNT(*) FROM webhookd_deliveries WHERE state = 'pending' GR
 
 -- name: table_endpoints
 SELECT id, url, secret, events, tenant, enabled, max_concurrency, headers, description,
-       signature_schemes, previous_secret, previous_secret_expires_at
+       signature_schemes, previous_secret, previous_secret_expires_at, ca_bundle
 FROM webhook_endpoints ORDER BY id;
 
 -- name: rotate_secret
@@ -99,7 +99,8 @@ ORDER BY d.id DESC
 LIMIT :limit;
 
 -- name: list_attempts
-SELECT attempt_no, started_at, duration_seconds, result, status_code, error, response_excerpt
+SELECT attempt_no, started_at, duration_seconds, result, status_code, error, response_excerpt,
+       error_kind
 FROM webhookd_attempts WHERE delivery_pk = :pk ORDER BY attempt_no, id;
 
 -- name: list_quarantine
@@ -119,14 +120,47 @@ INSERT INTO webhookd_deliveries (delivery_id, event_pk, endpoint_id, state, atte
 VALUES (:delivery_id, :event_pk, :endpoint_id, :state, :attempts, NULL, :now, :now,
         :last_status, :last_error);
 
+-- The circuit breaker (webhookd_endpoint_state) ---------------------------------------------
+
+-- name: endpoint_states
+SELECT endpoint_id, state, reason, since, consecutive_failures, failing_since, paused_until,
+       cooldown_level, disabled_reason, updated_at
+FROM webhookd_endpoint_state ORDER BY endpoint_id;
+
+-- name: save_endpoint_state
+INSERT INTO webhookd_endpoint_state (endpoint_id, state, reason, since, consecutive_failures,
+                                     failing_since, paused_until, cooldown_level,
+                                     disabled_reason, updated_at)
+VALUES (:endpoint_id, :state, :reason, :since, :consecutive_failures, :failing_since,
+        :paused_until, :cooldown_level, :disabled_reason, :updated_at)
+ON CONFLICT (endpoint_id) DO UPDATE SET
+    state = excluded.state, reason = excluded.reason, since = excluded.since,
+    consecutive_failures = excluded.consecutive_failures, failing_since = excluded.failing_since,
+    paused_until = excluded.paused_until, cooldown_level = excluded.cooldown_level,
+    disabled_reason = excluded.disabled_reason, updated_at = excluded.updated_at;
+
+-- name: disable_endpoint_row
+-- The daemon disabled a table endpoint (410 Gone, or failing for too long): the application
+-- sees it in its own table; the trigger moves endpoints_version.
+UPDATE webhook_endpoints SET enabled = 0, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+WHERE id = :id AND enabled <> 0;
+
+-- name: clear_endpoint_state
+DELETE FROM webhookd_endpoint_state WHERE endpoint_id = :id
+RETURNING endpoint_id, state, reason, since, consecutive_failures, failing_since, paused_until,
+          cooldown_level, disabled_reason, updated_at;
+
+-- name: bump_endpoints_version
+UPDATE webhookd_state SET value = value + 1 WHERE key = 'endpoints_version';
+
 -- Administration (`webhookd endpoints|deliveries|events|stats`) ------------------------------
 
 -- name: create_endpoint
 INSERT INTO webhook_endpoints (id, url, secret, events, tenant, enabled, max_concurrency, headers,
                                description, signature_schemes, previous_secret,
-                               previous_secret_expires_at)
+                               previous_secret_expires_at, ca_bundle)
 VALUES (:id, :url, :secret, :events, :tenant, :enabled, :max_concurrency, :headers, :description,
-        :signature_schemes, :previous_secret, :previous_secret_expires_at)
+        :signature_schemes, :previous_secret, :previous_secret_expires_at, :ca_bundle)
 ON CONFLICT (id) DO NOTHING;
 
 -- name: update_endpoint
@@ -134,7 +168,7 @@ UPDATE webhook_endpoints
 SET url = :url, secret = :secret, events = :events, tenant = :tenant, enabled = :enabled,
     max_concurrency = :max_concurrency, headers = :headers, description = :description,
     signature_schemes = :signature_schemes, previous_secret = :previous_secret,
-    previous_secret_expires_at = :previous_secret_expires_at,
+    previous_secret_expires_at = :previous_secret_expires_at, ca_bundle = :ca_bundle,
     updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
 WHERE id = :id;
 

@@ -27,6 +27,9 @@ CREATE TABLE IF NOT EXISTS webhook_endpoints (
     -- Set by `webhookd endpoints rotate-secret`: the old secret still signs until it expires.
     previous_secret            TEXT,
     previous_secret_expires_at TEXT,
+    -- Absolute path of a PEM file: the CAs trusted for this endpoint's TLS instead of the
+    -- system's (NULL: delivery.ca_bundle, else the system's).
+    ca_bundle       TEXT,
     created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     updated_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
@@ -104,7 +107,10 @@ CREATE TABLE IF NOT EXISTS webhookd_attempts (
     result           TEXT NOT NULL,
     status_code      INTEGER,
     error            TEXT,
-    response_excerpt TEXT
+    response_excerpt TEXT,
+    -- What exactly failed: connect_timeout, read_timeout, connection_refused, connection_reset,
+    -- connection_closed, dns, tls, protocol, network, redirect, gone, rate_limited, http_status.
+    error_kind       TEXT
 );
 CREATE INDEX IF NOT EXISTS webhookd_attempts_delivery ON webhookd_attempts (delivery_pk, attempt_no);
 -- Health and stats over a recent window (`webhookd endpoints list`, `webhookd stats`): covers
@@ -123,3 +129,21 @@ CREATE TABLE IF NOT EXISTS webhookd_quarantine (
 );
 -- Retention: the oldest quarantine rows first, and where the recent fan-outs begin.
 CREATE INDEX IF NOT EXISTS webhookd_quarantine_time ON webhookd_quarantine (quarantined_at);
+
+-- The daemon's own view of each endpoint's health (the circuit breaker), kept across restarts.
+-- No row: ok. `webhookd endpoints enable` deletes the row (and moves endpoints_version), which
+-- a running daemon takes as "start afresh".
+CREATE TABLE IF NOT EXISTS webhookd_endpoint_state (
+    endpoint_id          TEXT PRIMARY KEY,
+    state                TEXT NOT NULL CHECK (state IN ('ok', 'backing_off', 'disabled')),
+    reason               TEXT,
+    since                REAL NOT NULL,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0,
+    failing_since        REAL,
+    -- Backing off: no attempt before this; then one probe at a time.
+    paused_until         REAL,
+    -- Failed probes since the breaker opened: the exponent of the cool-down.
+    cooldown_level       INTEGER NOT NULL DEFAULT 0,
+    disabled_reason      TEXT,
+    updated_at           REAL NOT NULL
+);
