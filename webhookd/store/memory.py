@@ -46,41 +46,24 @@ from webhookd.models import (
     StoreStats,
 )
 from webhookd.retention import CheckpointResult
-from webhookd.store.base import Planner, decode_outbox_value, load_migrations, split_duplicates
+from webhookd.store.base import (
+    ENDPOINT_ROW_COLUMNS,
+    ENDPOINT_ROW_DEFAULTS,
+    Planner,
+    decode_outbox_value,
+    load_migrations,
+    split_duplicates,
+)
 
 if TYPE_CHECKING:
     from webhookd.store.base import StoreBackend
 
 T = TypeVar("T")
 
-# The columns of webhook_endpoints that table_endpoints() returns, with the schema's defaults.
-ENDPOINT_COLUMNS = (
-    "id",
-    "url",
-    "secret",
-    "events",
-    "tenant",
-    "enabled",
-    "max_concurrency",
-    "headers",
-    "description",
-    "signature_schemes",
-    "previous_secret",
-    "previous_secret_expires_at",
-    "ca_bundle",
-)
-ENDPOINT_DEFAULTS: Mapping[str, object] = {
-    "events": "*",
-    "tenant": None,
-    "enabled": 1,
-    "max_concurrency": None,
-    "headers": None,
-    "description": "",
-    "signature_schemes": "seed",
-    "previous_secret": None,
-    "previous_secret_expires_at": None,
-    "ca_bundle": None,
-}
+# The columns of webhook_endpoints that table_endpoints() returns, with the schema's defaults
+# (one definition, shared with the admin commands).
+ENDPOINT_COLUMNS = ENDPOINT_ROW_COLUMNS
+ENDPOINT_DEFAULTS = ENDPOINT_ROW_DEFAULTS
 _ENDPOINT_REQUIRED = ("id", "url", "secret")
 _INTEGER_COLUMNS = frozenset({"enabled", "max_concurrency"})
 
