@@ -12,6 +12,7 @@ RELOADING, STOPPING).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from webhookd import __version__, log
 from webhookd import endpoints as endpoints_mod
 from webhookd.delivery import Sender
 from webhookd.dispatcher import Dispatcher
-from webhookd.errors import ConfigError, StorageError, WebhookdError
+from webhookd.errors import ConfigError, StorageError, StoreLockedError, WebhookdError
 from webhookd.http_api import HttpServer, make_app
 from webhookd.log import log_event
 from webhookd.metrics import Metrics
@@ -37,6 +38,8 @@ logger = logging.getLogger("webhookd.daemon")
 READINESS_PING_TIMEOUT_SECONDS = 2.0
 STATUS_INTERVAL_SECONDS = 2.0
 STATUS_QUERY_TIMEOUT_SECONDS = 2.0
+STORE_OPEN_RETRY_INITIAL_SECONDS = 1.0
+STORE_OPEN_RETRY_MAX_SECONDS = 30.0
 
 # Settings a running daemon cannot change: the open database, the bound port, the metrics
 # registry's label cap. A reload logs them (reload_needs_restart) and keeps the running values.
@@ -117,6 +120,7 @@ class Daemon:
         self.http: HttpServer | None = None
         self.stop_event = asyncio.Event()
         self.ready = False
+        self.startup_error: str | None = None  # why the store could not be opened yet
         self.started = asyncio.Event()
         self.reload_event = asyncio.Event()
 
@@ -175,11 +179,8 @@ class Daemon:
             raise WebhookdError(f"stopped after an internal failure: {self.dispatcher.crashed!r}")
 
     async def _start(self) -> None:
-        await self.store.open()
-        await self.store.backend.claim_ownership()
-        await self.store.migrate()
-        await self.sender.start()
-        await self.dispatcher.start()
+        # The HTTP port first: while the store cannot be opened, /healthz answers and /readyz
+        # says why the daemon is not ready (READY=1 still waits for everything below).
         host_port = self.settings.http.host_port
         if host_port is not None:
             self.http = HttpServer(make_app(self.metrics, self.readiness), *host_port)
@@ -190,6 +191,10 @@ class Daemon:
                     f"cannot listen on {self.settings.http.listen}: {exc.strerror or exc} "
                     "(set http.listen to a free address, or '' to disable the port)"
                 ) from exc
+        if not await self._open_store():
+            return  # stopped while waiting for the store
+        await self.sender.start()
+        await self.dispatcher.start()
         self.ready = True
         self.started.set()
         # Only now: migrations are applied, endpoints loaded and the HTTP port is listening.
@@ -213,6 +218,35 @@ class Daemon:
             http=self.settings.http.listen or None,
             http_port=self.http.bound_port if self.http else None,
         )
+
+    async def _open_store(self) -> bool:
+        """Open, own and migrate the store, retrying with backoff while it fails (a full disk,
+        an unwritable file): the daemon waits for the fault to clear instead of exiting into a
+        restart loop. False when asked to stop meanwhile. Another daemon owning the database
+        is final: waiting would not change it."""
+        delay = STORE_OPEN_RETRY_INITIAL_SECONDS
+        while True:
+            try:
+                await self.store.open()
+                await self.store.backend.claim_ownership()
+                await self.store.migrate()
+            except StoreLockedError:
+                raise
+            except StorageError as exc:
+                await self.store.close()
+                self.startup_error = str(exc)
+                log_event(
+                    logger, logging.ERROR, "store_unavailable", error=str(exc), retry_in=delay
+                )
+                self.notifier.status(f"waiting for the store: {exc}")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), delay)
+                if self.stop_event.is_set():
+                    return False
+                delay = min(delay * 2, STORE_OPEN_RETRY_MAX_SECONDS)
+                continue
+            self.startup_error = None
+            return True
 
     async def _shutdown(self) -> None:
         was_ready = self.ready
@@ -341,6 +375,8 @@ class Daemon:
     async def readiness(self) -> list[str]:
         """Why the daemon is not ready ([] when it is). Never includes secrets."""
         reasons = []
+        if self.startup_error is not None:
+            reasons.append(f"cannot open the store, retrying: {self.startup_error}")
         if not self.ready:
             reasons.append("starting or stopping")
         if not self.dispatcher.running or self.dispatcher.crashed is not None:

@@ -458,3 +458,35 @@ def test_database_file_unwritable_behind_a_writable_wal_is_reported_on_readyz(
 
     _run("chattr", "-i", str(db))
     _check_recovery(workspace, daemon, db, gated_receiver, first)
+
+
+def test_a_daemon_started_on_failing_storage_waits_for_it_instead_of_exiting(
+    workspace: Workspace, data_dir: Path, gated_receiver: GatedReceiver
+) -> None:
+    # A restart while the disk is full (or the file unwritable) must not turn into a restart
+    # loop: the daemon stays up, answers /healthz, says why on /readyz, and starts by itself
+    # once the fault is gone.
+    db = data_dir / "webhookd.db"
+    workspace.write_config(
+        database={"path": str(db)},
+        endpoints=[{"id": "hooks", "url": gated_receiver.url, "secret": "s3cret-storage"}],
+    )
+    workspace.cli_ok("migrate")
+    _insert(db, "before", 3)
+    _run("chattr", "+i", str(data_dir))  # no -wal, -shm or lock file can be created
+    try:
+        daemon = workspace.start(wait_ready=False)
+        reasons = workspace.wait_until(lambda: _not_ready(daemon), timeout=20, what="a 503")
+        assert any("cannot open the store, retrying" in r for r in reasons), reasons
+        healthz = daemon.get("/healthz")
+        assert healthz is not None
+        assert healthz.status == 200
+        time.sleep(2.5)  # longer than the first retry delays: still up, not exited
+        assert daemon.popen.poll() is None, daemon.output()
+        assert "store_unavailable" in daemon.log_events()
+    finally:
+        _run("chattr", "-i", str(data_dir))
+    workspace.wait_until(lambda: _ready(daemon), timeout=60, what="/readyz 200 after the fault")
+    gated_receiver.open()
+    workspace.wait_until(lambda: _states(db).get("succeeded") == 3, timeout=30, what="3 sent")
+    assert daemon.stop() == 0
