@@ -556,6 +556,8 @@ class Dispatcher:
                         batch_size,
                         self.clock(),
                         max_payload_bytes=self.settings.outbox.max_payload_bytes,
+                        # Routing must see every endpoint committed before the rows it routes.
+                        before_planning=self.reload_endpoints,
                     )
                     self._report_schema_warnings(result)
                     more = result.rows >= batch_size

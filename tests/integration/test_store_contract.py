@@ -1595,3 +1595,24 @@ async def test_attempts_keep_their_error_kind(harness: Harness) -> None:
     ok = await store.get_delivery(done.delivery_id)
     assert ok is not None
     assert [a.error_kind for a in ok.attempt_log] == [None]
+
+
+async def test_before_planning_runs_after_the_rows_are_read_and_before_planning(
+    harness: Harness,
+) -> None:
+    # The dispatcher reloads endpoints there, so that an endpoint committed before an event is
+    # routed to even when both commits land between two polls.
+    app, store = harness.app, harness.store
+    booking(app, 2)
+    calls: list[str] = []
+
+    async def before() -> None:
+        calls.append("before")
+
+    def recording(rows: Sequence[OutboxRow]) -> FanoutPlan:
+        calls.append(f"plan {len(rows)}")
+        return planner()(rows)
+
+    await store.fan_out(recording, BATCH, NOW, before_planning=before)
+    await store.fan_out(recording, BATCH, NOW, before_planning=before)  # nothing new: no call
+    assert calls == ["before", "plan 2"]

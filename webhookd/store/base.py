@@ -70,11 +70,20 @@ class StoreBackend(Protocol):
         ...
 
     async def fan_out(
-        self, planner: Planner, limit: int, now: float, *, max_payload_bytes: int | None = None
+        self,
+        planner: Planner,
+        limit: int,
+        now: float,
+        *,
+        max_payload_bytes: int | None = None,
+        before_planning: Callable[[], Awaitable[None]] | None = None,
     ) -> FanoutResult:
         """Read up to ``limit`` new outbox rows, plan them, and write events, deliveries and
         quarantine rows and mark the outbox rows done, atomically. A payload over
-        ``max_payload_bytes`` is not read: the planner gets an OversizedPayload instead."""
+        ``max_payload_bytes`` is not read: the planner gets an OversizedPayload instead.
+        ``before_planning`` runs after the rows are read and before they are planned: whatever
+        committed before those rows (an endpoint the application added just before its event)
+        is visible to it."""
         ...
 
     async def oldest_unprocessed(self) -> str | None: ...
@@ -290,10 +299,20 @@ class Store:
         return await self.backend.outbox_changed()
 
     async def fan_out(
-        self, planner: Planner, limit: int, now: float, *, max_payload_bytes: int | None = None
+        self,
+        planner: Planner,
+        limit: int,
+        now: float,
+        *,
+        max_payload_bytes: int | None = None,
+        before_planning: Callable[[], Awaitable[None]] | None = None,
     ) -> FanoutResult:
         result = await self.backend.fan_out(
-            planner, limit, now, max_payload_bytes=max_payload_bytes
+            planner,
+            limit,
+            now,
+            max_payload_bytes=max_payload_bytes,
+            before_planning=before_planning,
         )
         if self.metrics is not None and result.events:
             self.metrics.events_dispatched.inc(result.events)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
@@ -295,7 +295,13 @@ class MemoryBackend:
         return _limited(rows, limit)
 
     async def fan_out(
-        self, planner: Planner, limit: int, now: float, *, max_payload_bytes: int | None = None
+        self,
+        planner: Planner,
+        limit: int,
+        now: float,
+        *,
+        max_payload_bytes: int | None = None,
+        before_planning: Callable[[], Awaitable[None]] | None = None,
     ) -> FanoutResult:
         db = self._db("read outbox")
         cursor = db.cursor
@@ -312,6 +318,8 @@ class MemoryBackend:
         ]
         if not rows:
             return FanoutResult()
+        if before_planning is not None:
+            await before_planning()
         plan = planner(rows)
         if db.cursor != cursor:
             raise StorageError("the outbox cursor moved under this daemon: is another running?")

@@ -280,7 +280,13 @@ class SQLiteBackend:
         return int(rows[0][0])
 
     async def fan_out(
-        self, planner: Planner, limit: int, now: float, *, max_payload_bytes: int | None = None
+        self,
+        planner: Planner,
+        limit: int,
+        now: float,
+        *,
+        max_payload_bytes: int | None = None,
+        before_planning: Callable[[], Awaitable[None]] | None = None,
     ) -> FanoutResult:
         cursor = await self._cursor()
         raw = await self._read(
@@ -303,6 +309,8 @@ class SQLiteBackend:
             )
             for r in raw
         ]
+        if before_planning is not None:
+            await before_planning()
         plan = planner(rows)
         new_cursor = rows[-1].id
 
