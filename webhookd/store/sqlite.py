@@ -51,6 +51,7 @@ from webhookd.models import (
 )
 from webhookd.retention import CheckpointResult
 from webhookd.store.base import (
+    ENDPOINT_ROW_COLUMNS,
     Planner,
     decode_outbox_value,
     load_migrations,
@@ -388,10 +389,8 @@ class SQLiteBackend:
 
     async def table_endpoints(self) -> list[Mapping[str, object]]:
         rows = await self._read("read endpoints", _Q["table_endpoints"])
-        keys = ("id", "url", "secret", "events", "tenant", "enabled", "max_concurrency",
-                "headers", "description", "signature_schemes", "previous_secret",
-                "previous_secret_expires_at", "ca_bundle")  # fmt: skip
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+        # The query selects exactly these columns, in this order.
+        return [dict(zip(ENDPOINT_ROW_COLUMNS, row, strict=True)) for row in rows]
 
     async def rotate_secret(self, endpoint_id: str, secret: str, expires_at: str) -> bool:
         async def write(conn: aiosqlite.Connection) -> bool:
