@@ -54,6 +54,9 @@ logger = logging.getLogger("webhookd.dispatcher")
 
 STORE_RETRY_INITIAL_SECONDS = 0.2
 STORE_RETRY_MAX_SECONDS = 10.0
+# A store shared with other daemons: due deliveries this worker could not claim (their cap is
+# taken elsewhere) are looked at again after this pause.
+SHARED_CLAIM_PAUSE_SECONDS = 0.05
 RECORDER_FLUSH_SECONDS = 10.0
 
 
@@ -212,12 +215,15 @@ class EndpointWorker:
                 timeout = pause  # backing off: its deliveries wait, no attempt is spent
             elif room > 0:
                 try:
-                    batch = await self.d.store.claim_due(self.endpoint.id, now, room)
+                    batch = await self.d.store.claim_due(
+                        self.endpoint.id, now, room, cap=self.endpoint.max_concurrency
+                    )
                     for delivery in batch:
                         self._spawn(delivery, probe)
                     if len(batch) < room:
                         due = await self.d.store.next_due_at(self.endpoint.id)
                         timeout = None if due is None else max(0.0, due - self.d.clock())
+                        timeout = self._shared_timeout(timeout)
                     delay = STORE_RETRY_INITIAL_SECONDS
                     self.d.store_ok("claim")
                 except StorageError as exc:
@@ -231,6 +237,20 @@ class EndpointWorker:
                     continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
+
+    def _shared_timeout(self, timeout: float | None) -> float | None:
+        """Where other daemons share the store, what this worker cannot see may change: look
+        again after ``recheck_seconds`` at the latest, and when deliveries are due that it
+        could not claim (the endpoint's cap is taken by other daemons) after a short pause
+        rather than at once."""
+        recheck = self.d.store.recheck_seconds
+        if recheck is None:
+            return timeout
+        if timeout is None:
+            return recheck
+        if timeout <= 0:
+            return min(recheck, SHARED_CLAIM_PAUSE_SECONDS)
+        return min(timeout, recheck)
 
     def _spawn(self, delivery: Delivery, probe: bool = False) -> None:
         task = asyncio.create_task(self.d.deliver(self.endpoint, delivery, probe=probe))
@@ -547,6 +567,10 @@ class Dispatcher:
             batch_size = self.settings.outbox.batch_size
             poll = self.settings.outbox.poll_interval_seconds
             try:
+                for ep_id in self.store.take_woken_endpoints():
+                    worker = self.workers.get(ep_id)
+                    if worker is not None:
+                        worker.wake.set()
                 if await self.store.outbox_changed() or more:
                     await self.reload_endpoints()
                     await self._wake_for_requeued()

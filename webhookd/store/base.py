@@ -53,6 +53,9 @@ class StoreBackend(Protocol):
     """What a backend does. Backends translate driver errors into StorageError."""
 
     description: str
+    # None: one daemon owns the store and knows every change it makes. Otherwise other daemons
+    # share it (PostgreSQL replicas): an idle endpoint worker looks again after this long.
+    recheck_seconds: float | None
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
@@ -94,8 +97,17 @@ class StoreBackend(Protocol):
         (UTC ISO-8601). False when there is no such table endpoint."""
         ...
 
-    async def claim_due(self, endpoint_id: str, now: float, limit: int) -> list[Delivery]:
-        """Up to ``limit`` due pending deliveries of the endpoint, leased to this daemon."""
+    async def claim_due(
+        self, endpoint_id: str, now: float, limit: int, *, cap: int | None = None
+    ) -> list[Delivery]:
+        """Up to ``limit`` due pending deliveries of the endpoint, leased to this daemon.
+        ``cap``: the endpoint's in-flight cap across every daemon sharing the store (a store
+        that one daemon owns ignores it: ``limit`` already respects it)."""
+        ...
+
+    def take_woken_endpoints(self) -> set[str]:
+        """Endpoints whose deliveries another daemon made due since the last call (a store
+        that one daemon owns: always empty)."""
         ...
 
     async def next_due_at(self, endpoint_id: str) -> float | None: ...
@@ -351,8 +363,17 @@ class Store:
             )
         return rotated
 
-    async def claim_due(self, endpoint_id: str, now: float, limit: int) -> list[Delivery]:
-        return await self.backend.claim_due(endpoint_id, now, limit)
+    @property
+    def recheck_seconds(self) -> float | None:
+        return self.backend.recheck_seconds
+
+    async def claim_due(
+        self, endpoint_id: str, now: float, limit: int, *, cap: int | None = None
+    ) -> list[Delivery]:
+        return await self.backend.claim_due(endpoint_id, now, limit, cap=cap)
+
+    def take_woken_endpoints(self) -> set[str]:
+        return self.backend.take_woken_endpoints()
 
     async def next_due_at(self, endpoint_id: str) -> float | None:
         return await self.backend.next_due_at(endpoint_id)

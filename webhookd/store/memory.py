@@ -155,6 +155,7 @@ class MemoryBackend:
     def __init__(self, database: MemoryDatabase | None = None) -> None:
         self.database = MemoryDatabase() if database is None else database
         self.description = "memory"
+        self.recheck_seconds: float | None = None
         self._open = False
         self._data_version: int | None = None
         self._leased: dict[str, set[int]] = {}
@@ -387,7 +388,12 @@ class MemoryBackend:
             key=lambda d: (d.next_attempt_at, d.pk),
         )
 
-    async def claim_due(self, endpoint_id: str, now: float, limit: int) -> list[Delivery]:
+    def take_woken_endpoints(self) -> set[str]:
+        return set()  # no other daemon shares this store
+
+    async def claim_due(
+        self, endpoint_id: str, now: float, limit: int, *, cap: int | None = None
+    ) -> list[Delivery]:
         db = self._db("claim deliveries")
         due = [
             d

@@ -87,6 +87,7 @@ class SQLiteBackend:
     def __init__(self, path: Path, *, busy_timeout_seconds: float = 5.0) -> None:
         self.path = Path(path)
         self.description = f"sqlite:{self.path}"
+        self.recheck_seconds: float | None = None  # one daemon owns the file (lock file)
         self._busy_timeout = busy_timeout_seconds
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
@@ -403,7 +404,12 @@ class SQLiteBackend:
 
     # -- deliveries --------------------------------------------------------------------------
 
-    async def claim_due(self, endpoint_id: str, now: float, limit: int) -> list[Delivery]:
+    def take_woken_endpoints(self) -> set[str]:
+        return set()  # no other daemon shares this store
+
+    async def claim_due(
+        self, endpoint_id: str, now: float, limit: int, *, cap: int | None = None
+    ) -> list[Delivery]:
         leased = self._leased.setdefault(endpoint_id, set())
         rows = await self._read(
             "claim deliveries",
