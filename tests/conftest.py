@@ -29,6 +29,9 @@ SEED_RECEIVER_SCRIPT = NODE_PROJECT_DIR / "seed_receiver.js"
 NPM_INSTALL_TIMEOUT_SECONDS = 600.0
 RECEIVER_START_TIMEOUT_SECONDS = 15.0
 
+# tests/postgres_fixtures.py: postgres_server (a throw-away cluster per session), postgres_url.
+pytest_plugins = ["postgres_fixtures"]
+
 # Written inside node_modules after a successful install; its mtime says when that was.
 _INSTALL_STAMP = ".webhookd-installed"
 

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -57,6 +58,8 @@ STORE_RETRY_MAX_SECONDS = 10.0
 # A store shared with other daemons: due deliveries this worker could not claim (their cap is
 # taken elsewhere) are looked at again after this pause.
 SHARED_CLAIM_PAUSE_SECONDS = 0.05
+# Deliveries an endpoint worker claims beyond its free slots, to send as slots free up.
+PREFETCH = 64
 RECORDER_FLUSH_SECONDS = 10.0
 
 
@@ -174,6 +177,8 @@ class EndpointWorker:
         # disabled and enabled again) keep counting against the endpoint's cap.
         self.inflight = dispatcher.inflight.setdefault(endpoint.id, set())
         self.wake = asyncio.Event()
+        # Claimed ahead, leased, not sent yet (a store this daemon owns only).
+        self.ready: deque[Delivery] = deque()
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
 
@@ -213,14 +218,23 @@ class EndpointWorker:
             room, probe, pause = self._room(now)
             if pause is not None:
                 timeout = pause  # backing off: its deliveries wait, no attempt is spent
+            elif room > 0 and self.ready and not probe:
+                for _ in range(min(room, len(self.ready))):
+                    self._spawn(self.ready.popleft())
+                continue
             elif room > 0:
                 try:
+                    # A store this daemon owns: claim ahead (one query per PREFETCH deliveries
+                    # rather than one per delivery). A shared store: the leases count against
+                    # the endpoint's cap across daemons, so only what can be sent now.
+                    ahead = 0 if probe or self.d.store.recheck_seconds is not None else PREFETCH
                     batch = await self.d.store.claim_due(
-                        self.endpoint.id, now, room, cap=self.endpoint.max_concurrency
+                        self.endpoint.id, now, room + ahead, cap=self.endpoint.max_concurrency
                     )
-                    for delivery in batch:
+                    for delivery in batch[:room]:
                         self._spawn(delivery, probe)
-                    if len(batch) < room:
+                    self.ready.extend(batch[room:])
+                    if len(batch) < room + ahead:
                         due = await self.d.store.next_due_at(self.endpoint.id)
                         timeout = None if due is None else max(0.0, due - self.d.clock())
                         timeout = self._shared_timeout(timeout)
@@ -235,8 +249,23 @@ class EndpointWorker:
                     timeout = None  # a finishing request (or a state change) sets wake
                 elif timeout is not None and timeout <= 0:
                     continue
+            circuit = self.d.circuits.get(self.endpoint.id)
+            if self.ready and circuit is not None and circuit.state is not EndpointStatus.OK:
+                await self._release_ready()  # backing off or disabled: they go back
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout)
+        await self._release_ready()
+
+    async def _release_ready(self) -> None:
+        """End the leases of the deliveries claimed ahead and not sent."""
+        if not self.ready:
+            return
+        pks = [d.pk for d in self.ready]
+        self.ready.clear()
+        try:
+            await self.d.store.release(pks)
+        except StorageError as exc:
+            self.d.store_failed("release", exc)
 
     def _shared_timeout(self, timeout: float | None) -> float | None:
         """Where other daemons share the store, what this worker cannot see may change: look

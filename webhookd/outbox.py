@@ -25,10 +25,11 @@ _INSERT = (
     "INSERT INTO webhook_outbox (event_type, payload, event_id, tenant, occurred_at) "
     "VALUES (?, ?, ?, ?, ?)"
 )
+_INSERT_NUMBERED = _INSERT.replace("(?, ?, ?, ?, ?)", "($1, $2, $3, $4, $5)")
 
 
 def enqueue(
-    conn: sqlite3.Connection,
+    conn: Any,
     event_type: str,
     data: Mapping[str, Any],
     *,
@@ -39,11 +40,62 @@ def enqueue(
 ) -> str:
     """Insert one event into ``webhook_outbox`` without committing; return its event id.
 
+    ``conn``: a ``sqlite3`` connection, or a psycopg (3) connection to PostgreSQL. For asyncpg
+    use :func:`enqueue_async`.
+
     Raises :class:`~webhookd.errors.PayloadError` (a ValueError) when the event could not be
     delivered unaltered: a bad type name, a payload that is not a JSON object or would change
     in JavaScript (integers beyond 2**53-1, NaN, ...), or one over the size limit. A repeated
-    ``event_id`` raises ``sqlite3.IntegrityError``: event ids are idempotency keys.
+    ``event_id`` raises the driver's integrity error: event ids are idempotency keys.
     """
+    values = outbox_values(
+        event_type,
+        data,
+        tenant=tenant,
+        event_id=event_id,
+        occurred_at=occurred_at,
+        max_payload_bytes=max_payload_bytes,
+    )
+    if isinstance(conn, sqlite3.Connection):
+        conn.execute(_INSERT, values)
+    else:  # psycopg and other DB-API drivers with the "format" parameter style
+        conn.execute(_INSERT.replace("?", "%s"), values)
+    return values[2]
+
+
+async def enqueue_async(
+    conn: Any,
+    event_type: str,
+    data: Mapping[str, Any],
+    *,
+    tenant: str | None = None,
+    event_id: str | None = None,
+    occurred_at: datetime | str | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> str:
+    """:func:`enqueue` for an asyncpg connection (inside your ``async with conn.transaction()``)."""
+    values = outbox_values(
+        event_type,
+        data,
+        tenant=tenant,
+        event_id=event_id,
+        occurred_at=occurred_at,
+        max_payload_bytes=max_payload_bytes,
+    )
+    await conn.execute(_INSERT_NUMBERED, *values)
+    return values[2]
+
+
+def outbox_values(
+    event_type: str,
+    data: Mapping[str, Any],
+    *,
+    tenant: str | None = None,
+    event_id: str | None = None,
+    occurred_at: datetime | str | None = None,
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> tuple[str, str, str, str | None, str]:
+    """The checked (event_type, payload, event_id, tenant, occurred_at) of one outbox row."""
     problem = event_type_problem(event_type)
     if problem:
         raise PayloadError("bad_event_type", problem)
@@ -66,5 +118,4 @@ def enqueue(
         stamp = format_timestamp(datetime.now(UTC))
     else:
         stamp = normalize_timestamp(occurred_at)
-    conn.execute(_INSERT, (event_type, payload, event_id, tenant, stamp))
-    return event_id
+    return event_type, payload, event_id, tenant, stamp

@@ -13,6 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AwareDatetime,
@@ -36,6 +37,9 @@ CREDENTIAL_PREFIXES = ("%d/", "$CREDENTIALS_DIRECTORY/", "${CREDENTIALS_DIRECTOR
 
 DEFAULT_DATABASE_PATH = "webhookd.db"
 DEFAULT_BUSY_TIMEOUT_SECONDS = 5.0
+DEFAULT_PG_POOL_SIZE = 10
+DEFAULT_PG_CONNECT_TIMEOUT_SECONDS = 10.0
+DEFAULT_PG_LEASE_MARGIN_SECONDS = 15.0
 DEFAULT_LISTEN = "127.0.0.1:9180"
 DEFAULT_READY_MAX_LAG_SECONDS = 300.0
 DEFAULT_MAX_ENDPOINT_LABELS = 200
@@ -87,9 +91,69 @@ class _Section(BaseModel):
 class DatabaseSettings(_Section):
     path: Path = Field(
         default=Path(DEFAULT_DATABASE_PATH),
-        description="SQLite database file shared with the application.",
+        description="SQLite database file shared with the application (when url is '').",
     )
     busy_timeout_seconds: float = Field(default=DEFAULT_BUSY_TIMEOUT_SECONDS, gt=0, le=600)
+    url: str = Field(
+        default="",
+        description="'' = the SQLite file at path; 'postgresql://user@host:port/db' = PostgreSQL "
+        "(several webhookd replicas may share it). Never logged with its password.",
+    )
+    password_file: Path | None = Field(
+        default=None,
+        description="PostgreSQL: a file holding the password, e.g. '%d/pg-password' (systemd "
+        "LoadCredential=). Else the URL's password, PGPASSWORD or ~/.pgpass.",
+    )
+    pool_size: int = Field(
+        default=DEFAULT_PG_POOL_SIZE, ge=2, le=1000, description="PostgreSQL connections at most."
+    )
+    connect_timeout_seconds: float = Field(default=DEFAULT_PG_CONNECT_TIMEOUT_SECONDS, gt=0, le=600)
+    lease_margin_seconds: float = Field(
+        default=DEFAULT_PG_LEASE_MARGIN_SECONDS,
+        ge=1,
+        le=3600,
+        description="PostgreSQL: a delivery's lease lasts delivery.timeout_seconds plus this; "
+        "a killed replica's deliveries are sent again by the others after that long.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, value: str) -> str:
+        # Never echo the value: it may hold a password.
+        if value == "":
+            return value
+        scheme, sep, _ = value.partition("://")
+        if not sep or scheme not in ("postgresql", "postgres"):
+            raise ValueError(
+                "must be '' (SQLite at database.path) or a 'postgresql://user@host:port/dbname' "
+                "URL ('postgres://' works too)"
+            )
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 -- raises on a port that is not a number
+        except ValueError:
+            raise ValueError("is not a valid postgresql:// URL (check the port)") from None
+        return value
+
+    @field_validator("password_file", mode="before")
+    @classmethod
+    def _check_password_file(cls, value: object) -> object:
+        if value is None:
+            return None
+        text = str(value)
+        resolved = resolve_secret_path(text, Path.cwd())
+        if not text.startswith(CREDENTIAL_PREFIXES) and not Path(text).expanduser().is_absolute():
+            raise ValueError("must be an absolute path or '%d/NAME' (a systemd credential)")
+        read_secret_file(Path(resolved))  # fails now, with the reason, not at connect time
+        return resolved
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.url != ""
+
+    def postgres_password(self) -> str | None:
+        """The password from password_file (None: the URL's, PGPASSWORD or ~/.pgpass)."""
+        return None if self.password_file is None else read_secret_file(self.password_file)
 
 
 class HttpSettings(_Section):

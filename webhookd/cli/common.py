@@ -70,7 +70,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
 
 async def with_store(settings: Settings, body: Callable[[Store], Coroutine[Any, Any, T]]) -> T:
     """Run ``body`` on an open, migrated store. Never creates a database as a side effect."""
-    if not settings.database.path.exists():
+    if not settings.database.is_postgres and not settings.database.path.exists():
         raise WebhookdError(
             f"database {settings.database.path} does not exist: check database.path, "
             "or run `webhookd migrate` to create it"

@@ -33,7 +33,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         human_seconds(d) for d in schedule(RetryPolicy.from_settings(settings.retry))
     )
     print("configuration OK")
-    print(f"  database:  {settings.database.path}")
+    print(f"  database:  {open_store(settings).description}")
     print(f"  http:      {settings.http.listen or '(disabled)'}")
     print(f"  endpoints: {len(static)} in the config file (the webhook_endpoints table adds more)")
     print(f"  retries:   {settings.retry.max_attempts} attempts, waits {delays}")

@@ -19,6 +19,7 @@ from webhookd.cli.common import (
     with_store,
 )
 from webhookd.errors import PayloadError, WebhookdError
+from webhookd.settings import DatabaseSettings, Settings
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -31,6 +32,9 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         raise PayloadError("invalid_json", f"JSON argument is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise PayloadError("not_object", "the JSON argument must be an object, like '{\"id\": 1}'")
+    if settings.database.is_postgres:
+        print(run_async(_enqueue_postgres(settings, args, data)))
+        return EXIT_OK
     if not settings.database.path.exists():
         raise WebhookdError(
             f"database {settings.database.path} does not exist: run `webhookd migrate`"
@@ -57,6 +61,53 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
         conn.close()
     print(event_id)
     return EXIT_OK
+
+
+async def _enqueue_postgres(settings: Settings, args: argparse.Namespace, data: Any) -> str:
+    import asyncpg  # type: ignore[import-untyped]
+
+    from webhookd.outbox import enqueue_async
+    from webhookd.store.postgres import safe_url
+
+    db = settings.database
+    where = safe_url(db.url)
+    try:
+        conn = await asyncpg.connect(
+            db.url, password=db.postgres_password(), timeout=db.connect_timeout_seconds
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise WebhookdError(
+            f"cannot connect to PostgreSQL at {where}: {_without(exc, db)}"
+        ) from None
+    try:
+        return await enqueue_async(
+            conn,
+            args.event_type,
+            data,
+            tenant=args.tenant,
+            event_id=args.event_id,
+            occurred_at=args.occurred_at,
+            max_payload_bytes=settings.outbox.max_payload_bytes,
+        )
+    except asyncpg.UniqueViolationError:
+        raise WebhookdError(f"event id {args.event_id!r} is already in the outbox") from None
+    except asyncpg.UndefinedTableError:
+        raise WebhookdError("the outbox table does not exist: run `webhookd migrate`") from None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise WebhookdError(f"cannot write to {where}: {_without(exc, db)}") from None
+    finally:
+        await conn.close()
+
+
+def _without(exc: BaseException, db: DatabaseSettings) -> str:
+    """The driver's message with the password blanked out."""
+    from urllib.parse import urlsplit
+
+    text = str(exc) or type(exc).__name__
+    for secret in (db.postgres_password(), urlsplit(db.url).password):
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:
