@@ -7,10 +7,15 @@ CREATE OR REPLACE FUNCTION webhookd_iso_now() RETURNS TEXT LANGUAGE sql VOLATILE
     SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
 $$;
 
+-- The trigger functions run with webhookd's rights (SECURITY DEFINER, with the search_path of
+-- the migration): an application role granted only INSERT on webhook_outbox (or the rights it
+-- needs on webhook_endpoints) can write, without rights on webhookd's own tables.
+
 -- Moves on every write statement to webhookd's tables and the outbox: changes() reads it.
 -- A sequence, not a counter row: nextval() takes no lock, so writers never wait for each other.
 CREATE SEQUENCE IF NOT EXISTS webhookd_changes;
-CREATE OR REPLACE FUNCTION webhookd_bump_changes() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION webhookd_bump_changes() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     PERFORM nextval('webhookd_changes');
     RETURN NULL;
@@ -39,7 +44,8 @@ CREATE INDEX IF NOT EXISTS webhook_outbox_unprocessed ON webhook_outbox (id)
 CREATE INDEX IF NOT EXISTS webhook_outbox_processed ON webhook_outbox (processed_at, id)
     WHERE processed_at IS NOT NULL;
 
-CREATE OR REPLACE FUNCTION webhookd_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION webhookd_outbox_notify() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     PERFORM pg_notify('webhookd_outbox', '');
     RETURN NULL;
@@ -85,7 +91,8 @@ INSERT INTO webhookd_state (key, value) VALUES ('endpoints_version', 0) ON CONFL
 INSERT INTO webhookd_state (key, value) VALUES ('deliveries_requeued', 0) ON CONFLICT DO NOTHING;
 
 -- Per row (a statement that changes no row changes nothing); also wakes the replicas.
-CREATE OR REPLACE FUNCTION webhookd_endpoints_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE OR REPLACE FUNCTION webhookd_endpoints_changed() RETURNS trigger LANGUAGE plpgsql
+    SECURITY DEFINER SET search_path FROM CURRENT AS $$
 BEGIN
     UPDATE webhookd_state SET value = value + 1 WHERE key = 'endpoints_version';
     PERFORM pg_notify('webhookd_outbox', '');
