@@ -40,6 +40,10 @@ class HttpResult:
     location: str | None = None  # the response's Location header (a 3xx), as sent
 
 
+# URLs remembered as allowed by the address policy (a bound: endpoints come and go).
+_MAX_ALLOWED_URLS = 100_000
+
+
 class Sender:
     """Owns the aiohttp client session (keep-alive connections are reused per endpoint host).
 
@@ -65,6 +69,7 @@ class Sender:
         self._session: aiohttp.ClientSession | None = None
         self._retired: list[aiohttp.ClientSession] = []  # closed with the sender
         self._tls: dict[str, ssl.SSLContext] = {}  # CA bundle path -> its context
+        self._allowed_urls: set[str] = set()  # passed check_url_host under self._policy
 
     def apply(self, settings: DeliverySettings) -> None:
         """Use ``settings`` (timeouts, header prefix, excerpt size, address policy, CA bundles)
@@ -76,6 +81,7 @@ class Sender:
         self._tls = {}  # the CA bundle files are read again
         if policy != self._policy:
             self._policy = policy
+            self._allowed_urls = set()
             if self._guard is not None:
                 self._guard.policy = policy
             if self._session is not None:
@@ -143,7 +149,10 @@ class Sender:
         )
         try:
             # aiohttp connects to an IP-literal host without asking the guarded resolver.
-            check_url_host(endpoint.url, self._policy)
+            if endpoint.url not in self._allowed_urls:
+                check_url_host(endpoint.url, self._policy)
+                if len(self._allowed_urls) < _MAX_ALLOWED_URLS:
+                    self._allowed_urls.add(endpoint.url)
             tls = self._tls_context(endpoint, settings)
         except BlockedAddressError as exc:
             return self._result(

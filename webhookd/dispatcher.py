@@ -710,15 +710,21 @@ class Dispatcher:
             result, delivery, self.policy, now, self.rand(), retry_after_max_seconds=ra_max
         )
         self._observe(endpoint, delivery, result, outcome, label, now)
-        await asyncio.shield(self.recorder.submit(outcome, endpoint.id))
-        await asyncio.shield(self._after_attempt(endpoint, result, probe, now))
+        committed = self.recorder.enqueue(outcome, endpoint.id)
+        changed = self._after_attempt(endpoint, result, probe, now)
+        # Shielded: a drain that cancels this task still has the outcome written (and a breaker
+        # state left unwritten is written by the drain).
+        await asyncio.shield(committed)
+        if changed is not None:
+            await asyncio.shield(self._persist(changed))
 
     # -- the circuit breaker -----------------------------------------------------------------
 
-    async def _after_attempt(
+    def _after_attempt(
         self, endpoint: Endpoint, result: HttpResult, probe: bool, now: float
-    ) -> None:
-        """Feed an attempt's result to the endpoint's breaker; write the state if it changed."""
+    ) -> Endpoint | None:
+        """Feed an attempt's result to the endpoint's breaker. If its state changed, apply it
+        and return the endpoint, whose state the caller then writes."""
         old = self.circuits.get(endpoint.id) or EndpointState(endpoint.id, since=now)
         if result.result is AttemptResult.SUCCESS:
             new = breaker.after_success(old, now)
@@ -736,11 +742,11 @@ class Dispatcher:
             )
             new = breaker.after_failure(old, failure, self.breaker_policy, now)
         if new == old:
-            return
+            return None
         current = self.endpoints.get(endpoint.id, endpoint)
         why = new.reason or ("the probe succeeded" if probe else "an attempt succeeded")
         self._set_circuit(current, new, why)
-        await self._persist(current)
+        return current
 
     def _set_circuit(self, ep: Endpoint, new: EndpointState, reason: str | None) -> None:
         """Make ``new`` the endpoint's state: log a change of state, update the gauge, stop or

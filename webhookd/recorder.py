@@ -31,12 +31,16 @@ class Recorder:
         self.failing_since: float | None = None  # loop time of the first failure in a row
         self.last_error: str | None = None
 
-    async def submit(self, outcome: AttemptOutcome, endpoint_id: str) -> None:
-        """Return once ``outcome`` is committed."""
+    def enqueue(self, outcome: AttemptOutcome, endpoint_id: str) -> asyncio.Future[None]:
+        """Queue ``outcome``; the future is done once it is committed."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue.append((outcome, endpoint_id, future))
         self._kick.set()
-        await future
+        return future
+
+    async def submit(self, outcome: AttemptOutcome, endpoint_id: str) -> None:
+        """Return once ``outcome`` is committed."""
+        await self.enqueue(outcome, endpoint_id)
 
     async def run(self) -> None:
         """Write batches until :meth:`close` is called and the queue is empty."""
