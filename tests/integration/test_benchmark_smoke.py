@@ -1,0 +1,90 @@
+"""The benchmark harness cannot rot: ``benchmarks/bench.py --smoke`` runs every scenario.
+
+The harness runs the real ``webhookd run`` against its own receiver process, a few hundred events
+per scenario. Its timing verdicts are printed, never asserted here (the machine is shared); what
+must hold is that every delivery was received and recorded as succeeded in the store, and that
+the report says so with figures that add up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+HARNESS_TIMEOUT_SECONDS = 180.0
+KILL_WAIT_SECONDS = 10.0
+SCENARIOS = {"burst", "steady", "backlog", "hanging", "many"}
+
+
+def test_smoke_run_delivers_and_records_every_delivery(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WEBHOOKD_")}
+    # Its own process group: on a timeout the daemons and the receiver it started go too.
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(BENCH),
+            "--smoke",
+            "--json",
+            str(report_path),
+            "--keep",
+            str(tmp_path / "work"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, _ = proc.communicate(timeout=HARNESS_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate(timeout=KILL_WAIT_SECONDS)
+        pytest.fail(f"the harness did not finish within {HARNESS_TIMEOUT_SECONDS} s:\n{stdout}")
+    output = stdout
+    assert proc.returncode == 0, output
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["smoke"] is True
+    assert report["all_recorded"] is True, output
+    assert set(report["scenarios"]) == SCENARIOS
+    for name, scenario in report["scenarios"].items():
+        assert scenario["all_recorded"] is True, (name, output)
+        assert scenario["targets"], f"{name} printed no target"
+        for run in scenario["runs"]:
+            label = f"{name}/{run['label']}"
+            assert run["error"] is None, (label, run["error"])
+            assert run["expected"] > 0, label
+            # The figures behind the verdict: the store recorded every delivery as succeeded
+            # and the receiver got each of them, once.
+            assert run["recorded"] == run["expected"], (label, run["states"])
+            assert run["states"].get("succeeded") == run["expected"], (label, run["states"])
+            assert run["received"] == run["expected"], label
+            assert run["not_received"] == 0, label
+            assert run["duplicates"] == 0, label
+            assert run["deliveries_per_second"] > 0, label
+            assert run["cpu_seconds"] > 0, label
+            assert run["peak_rss_mb"] > 0, label
+            assert run["latency_ms"]["p50"] <= run["latency_ms"]["p99"], label
+            assert run["exit_codes"] == [0], (label, run["exit_codes"])
+    # The hanging endpoint really hung: nothing of it succeeded, and the healthy one got all.
+    beside = report["scenarios"]["hanging"]["runs"][1]
+    assert beside["states"].get("succeeded (hanging)") is None, beside["states"]
+    assert sum(n for s, n in beside["states"].items() if s.endswith("(hanging)")) > 0
+    # The ceiling ran in the same run and posted every body.
+    burst = report["scenarios"]["burst"]["runs"][0]
+    assert burst["ceiling_rate"] > 0
+    assert burst["ceiling_errors"] == 0
+    assert burst["ratio_to_ceiling"] > 0
+    assert "PASS" in stdout or "MISS" in stdout
