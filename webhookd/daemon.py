@@ -347,13 +347,17 @@ class Daemon:
 
     async def status_line(self) -> str:
         """One line for ``systemctl status``: endpoints, backlog, requests in flight, lag."""
-        try:
-            counts = await asyncio.wait_for(
-                self.store.pending_counts(), STATUS_QUERY_TIMEOUT_SECONDS
-            )
-            pending = str(sum(counts.values()))
-        except (StorageError, TimeoutError):
-            pending = "?"
+        # As the housekeeping loop last counted them; before its first count, counted now.
+        total = self.dispatcher.pending_total
+        if total is None:
+            try:
+                counts = await asyncio.wait_for(
+                    self.store.pending_counts(), STATUS_QUERY_TIMEOUT_SECONDS
+                )
+                total = sum(counts.values())
+            except (StorageError, TimeoutError):
+                pass
+        pending = "?" if total is None else str(total)
         line = (
             f"{len(self.dispatcher.workers)} of {len(self.dispatcher.endpoints)} endpoints "
             f"active, {pending} deliveries pending, {self.inflight_count()} in flight, "

@@ -58,6 +58,10 @@ STORE_RETRY_MAX_SECONDS = 10.0
 # A store shared with other daemons: due deliveries this worker could not claim (their cap is
 # taken elsewhere) are looked at again after this pause.
 SHARED_CLAIM_PAUSE_SECONDS = 0.05
+# Pending deliveries are counted (for the gauges) this often, or this many times as long as
+# the count took, whichever is longer.
+PENDING_COUNT_SECONDS = 5.0
+PENDING_COUNT_COST_FACTOR = 50.0
 # Deliveries an endpoint worker claims beyond its free slots, to send as slots free up.
 PREFETCH = 64
 RECORDER_FLUSH_SECONDS = 10.0
@@ -348,6 +352,7 @@ class Dispatcher:
         # failing checkpoint must stay visible while fan-out keeps succeeding.
         self.store_errors: dict[str, str] = {}
         self.outbox_lag_seconds = 0.0
+        self.pending_total: int | None = None  # as last counted by the housekeeping loop
         self.running = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -660,22 +665,29 @@ class Dispatcher:
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _housekeeping_loop(self) -> None:
-        """Gauges that come from the store: outbox lag and pending deliveries."""
-        tick = 0
+        """Gauges that come from the store: outbox lag (every second) and pending deliveries
+        (every PENDING_COUNT_SECONDS, or PENDING_COUNT_COST_FACTOR times as long as counting
+        took: with a million pending the count reads the whole index)."""
+        next_count = 0.0
         while not self._stopping.is_set():
             try:
                 oldest = await self.store.oldest_unprocessed()
                 self.outbox_lag_seconds = self._lag(oldest)
                 self.metrics.outbox_lag.set(self.outbox_lag_seconds)
-                if tick % 5 == 0:
+                started = time.monotonic()
+                if started >= next_count:
                     counts = await self.store.pending_counts()
+                    took = time.monotonic() - started
+                    next_count = started + max(
+                        PENDING_COUNT_SECONDS, PENDING_COUNT_COST_FACTOR * took
+                    )
+                    self.pending_total = sum(counts.values())
                     self.metrics.set_pending(counts, list(self.endpoints))
                     await self._persist_unsaved()
             except StorageError as exc:
                 self.store_failed("housekeeping", exc)
             else:
                 self.store_ok("housekeeping")
-            tick += 1
             await self._sleep(1.0)
 
     def _lag(self, oldest: str | None) -> float:
