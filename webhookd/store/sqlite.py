@@ -193,6 +193,11 @@ class SQLiteBackend:
         if slow and self._counter is not None:
             conn = self._counter
         try:
+            try:  # the first try without the retry machinery: the file is rarely busy
+                return list(await conn.execute_fetchall(sql, params))
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
             async for attempt in _busy_retrying():
                 with attempt:
                     return list(await conn.execute_fetchall(sql, params))
@@ -205,24 +210,32 @@ class SQLiteBackend:
     ) -> T:
         """Run ``body`` in ``BEGIN IMMEDIATE`` … ``COMMIT``, retrying while the file is locked."""
         try:
+            try:  # the first try without the retry machinery: the file is rarely locked
+                return await self._transaction_once(body)
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
             async for attempt in _busy_retrying():
                 with attempt:
-                    async with self._write_lock:
-                        conn = self._w
-                        await conn.execute("BEGIN IMMEDIATE")
-                        try:
-                            result = await body(conn)
-                            await conn.execute("COMMIT")
-                        except BaseException:
-                            await asyncio.shield(self._rollback(conn))
-                            raise
-                    return result
+                    return await self._transaction_once(body)
         except sqlite3.Error as exc:
             hint = " (the database stayed locked; is a writer holding a long transaction?)"
             raise StorageError(
                 f"{op} failed on {self.path}: {exc}{hint if _is_busy(exc) else ''}"
             ) from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _transaction_once(self, body: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+        async with self._write_lock:
+            conn = self._w
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = await body(conn)
+                await conn.execute("COMMIT")
+            except BaseException:
+                await asyncio.shield(self._rollback(conn))
+                raise
+        return result
 
     @staticmethod
     async def _rollback(conn: aiosqlite.Connection) -> None:
