@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno as errno_codes
+import functools
 import os
 import ssl
 import time
@@ -42,6 +43,12 @@ class HttpResult:
 
 # URLs remembered as allowed by the address policy (a bound: endpoints come and go).
 _MAX_ALLOWED_URLS = 100_000
+
+
+@functools.lru_cache(maxsize=16)
+def _client_timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
+    """One (immutable) ClientTimeout per configuration, not one per request."""
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect)
 
 
 class Sender:
@@ -173,9 +180,7 @@ class Sender:
                 headers=headers,
                 allow_redirects=False,
                 ssl=tls,
-                timeout=aiohttp.ClientTimeout(
-                    total=settings.timeout_seconds, sock_connect=settings.connect_timeout_seconds
-                ),
+                timeout=_client_timeout(settings.timeout_seconds, settings.connect_timeout_seconds),
             ) as response:
                 status = response.status
                 retry_after = response.headers.get("Retry-After")

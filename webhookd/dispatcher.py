@@ -256,8 +256,10 @@ class EndpointWorker:
             circuit = self.d.circuits.get(self.endpoint.id)
             if self.ready and circuit is not None and circuit.state is not EndpointStatus.OK:
                 await self._release_ready()  # backing off or disabled: they go back
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for makes a task per call.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.wake.wait()
         await self._release_ready()
 
     async def _release_ready(self) -> None:
@@ -662,7 +664,8 @@ class Dispatcher:
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
 
     async def _housekeeping_loop(self) -> None:
         """Gauges that come from the store: outbox lag (every second) and pending deliveries
@@ -847,6 +850,12 @@ class Dispatcher:
         m = self.metrics
         m.delivery_attempts.labels(endpoint=label, result=result.result.value).inc()
         m.delivery_duration.labels(endpoint=label).observe(result.duration_seconds)
+        success = result.result is AttemptResult.SUCCESS
+        if success:
+            with contextlib.suppress(ValueError):
+                m.event_to_delivery.observe(max(0.0, now - timestamp_to_unix(delivery.occurred_at)))
+            if not logger.isEnabledFor(logging.DEBUG):
+                return  # the usual case: no log line, so no fields to build
         fields: dict[str, Any] = {
             "endpoint": endpoint.id,
             "delivery_id": delivery.delivery_id,
@@ -856,9 +865,7 @@ class Dispatcher:
             "status": result.status_code,
             "duration_ms": round(result.duration_seconds * 1000, 1),
         }
-        if result.result is AttemptResult.SUCCESS:
-            with contextlib.suppress(ValueError):
-                m.event_to_delivery.observe(max(0.0, now - timestamp_to_unix(delivery.occurred_at)))
+        if success:
             log_event(logger, logging.DEBUG, "delivery_succeeded", **fields)
         elif outcome.new_state is DeliveryState.FAILED:
             log_event(logger, logging.ERROR, "delivery_failed", error=result.error, **fields)
