@@ -48,7 +48,6 @@ from webhookd.models import (
     EndpointHealth,
     EndpointRemoval,
     EndpointState,
-    EndpointStatus,
     Event,
     EventRecord,
     FanoutResult,
@@ -58,6 +57,7 @@ from webhookd.models import (
     StoreStats,
 )
 from webhookd.retention import CheckpointResult
+from webhookd.store import rows as rows_mod
 from webhookd.store.base import (
     ENDPOINT_ROW_COLUMNS,
     Planner,
@@ -611,24 +611,9 @@ class PostgresBackend:
             return list(await conn.fetch(sql, *args))
 
         rows = await self._transaction("claim deliveries", claim)
-        out = []
-        for r in rows:
-            out.append(
-                Delivery(
-                    pk=int(r[0]),
-                    delivery_id=r[1],
-                    endpoint_id=r[2],
-                    event_id=r[3],
-                    event_type=r[4],
-                    occurred_at=r[5],
-                    body=bytes(r[6]),
-                    attempts=int(r[7]),
-                    created_at=float(r[8]),
-                    attempts_before_schedule=int(r[9]),
-                    schedule_started_at=r[10],
-                )
-            )
-            self._held[int(r[0])] = endpoint_id
+        out = [rows_mod.claimed_delivery(r) for r in rows]
+        for delivery in out:
+            self._held[delivery.pk] = endpoint_id
         return out
 
     async def next_due_at(self, endpoint_id: str) -> float | None:
@@ -723,17 +708,7 @@ class PostgresBackend:
         now = time.time()
 
         async def write(conn: asyncpg.Connection) -> None:
-            sql, args = _args(
-                "insert_test_event",
-                {
-                    "event_id": event.event_id,
-                    "event_type": event.event_type,
-                    "tenant": event.tenant,
-                    "occurred_at": event.occurred_at,
-                    "body": event.body,
-                    "now": now,
-                },
-            )
+            sql, args = _args("insert_test_event", rows_mod.send_test_event_params(event, now))
             event_pk = await conn.fetchval(sql, *args)
             sql, args = _args(
                 "insert_test_delivery",
@@ -775,24 +750,10 @@ class PostgresBackend:
 
     async def endpoint_states(self) -> dict[str, EndpointState]:
         rows = await self._read("read endpoint states", "endpoint_states")
-        return {str(r[0]): _endpoint_state(r) for r in rows}
+        return {str(r[0]): rows_mod.endpoint_state(r) for r in rows}
 
     async def save_endpoint_state(self, state: EndpointState, *, disable_row: bool) -> None:
-        sql, args = _args(
-            "save_endpoint_state",
-            {
-                "endpoint_id": state.endpoint_id,
-                "state": state.state.value,
-                "reason": state.reason,
-                "since": state.since,
-                "consecutive_failures": state.consecutive_failures,
-                "failing_since": state.failing_since,
-                "paused_until": state.paused_until,
-                "cooldown_level": state.cooldown_level,
-                "disabled_reason": state.disabled_reason,
-                "updated_at": state.updated_at,
-            },
-        )
+        sql, args = _args("save_endpoint_state", rows_mod.endpoint_state_params(state))
         disable_sql, disable_args = _args("disable_endpoint_row", {"id": state.endpoint_id})
 
         async def write(conn: asyncpg.Connection) -> None:
@@ -813,7 +774,7 @@ class PostgresBackend:
                 return None
             await conn.execute(bump_sql)
             await conn.execute(notify_sql)
-            return _endpoint_state(rows[0])
+            return rows_mod.endpoint_state(rows[0])
 
         return await self._transaction("clear endpoint state", write)
 
@@ -821,40 +782,9 @@ class PostgresBackend:
         return await self._deliveries(filters, None)
 
     async def _deliveries(self, f: DeliveryFilter, delivery_id: str | None) -> list[DeliveryRecord]:
-        rows = await self._read(
-            "list deliveries",
-            "list_deliveries",
-            {
-                "state": f.state,
-                "endpoint": f.endpoint_id,
-                "event_type": f.event_type,
-                "event_id": f.event_id,
-                "tenant": f.tenant,
-                "delivery_id": delivery_id,
-                "limit": f.limit,
-                "since": f.since,
-                "until": f.until,
-            },
-        )
-        return [
-            DeliveryRecord(
-                delivery_id=r[0],
-                endpoint_id=r[1],
-                event_id=r[2],
-                event_type=r[3],
-                tenant=r[4],
-                state=r[5],
-                attempts=r[6],
-                created_at=r[7],
-                updated_at=r[8],
-                next_attempt_at=r[9] if r[5] == "pending" else None,
-                last_status=r[10],
-                last_error=r[11],
-                retried_at=r[13],
-                attempts_before_retry=r[14],
-            )
-            for r in rows
-        ]
+        params = rows_mod.delivery_filter_params(f, delivery_id)
+        rows = await self._read("list deliveries", "list_deliveries", params)
+        return [rows_mod.delivery_record(r) for r in rows]
 
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
         found = await self._read("find delivery", "find_delivery", {"delivery_id": delivery_id})
@@ -950,18 +880,7 @@ class PostgresBackend:
             "read endpoint health", "endpoint_health_window", {"since": since}
         )
         errors = await self._read("read endpoint errors", "endpoint_last_errors")
-        pending = await self.pending_counts()
-        out: dict[str, EndpointHealth] = {}
-        for ep_id, count, succeeded, p95 in window:
-            out[ep_id] = EndpointHealth(ep_id, int(count), int(succeeded), float(p95))
-        for ep_id, error, status, at in errors:
-            base = out.get(ep_id, EndpointHealth(ep_id))
-            out[ep_id] = replace(
-                base, last_error=error, last_error_status=status, last_error_at=float(at)
-            )
-        for ep_id, n in pending.items():
-            out[ep_id] = replace(out.get(ep_id, EndpointHealth(ep_id)), pending=n)
-        return dict(sorted(out.items()))
+        return rows_mod.endpoint_health(window, errors, await self.pending_counts())
 
     async def requeue(
         self, delivery_ids: Sequence[str], now: float, states: Collection[str]
@@ -1003,42 +922,15 @@ class PostgresBackend:
 
     async def stats(self, now: float, since: float, top: int) -> StoreStats:
         [backlog] = await self._read("read stats", "stats_backlog", {"now": now, "since": since})
-        [(attempts, succeeded)] = await self._read("read stats", "stats_attempts", {"since": since})
+        [attempts] = await self._read("read stats", "stats_attempts", {"since": since})
         failures = await self._read(
             "read stats", "stats_failures_by_endpoint", {"since": since, "top": top}
         )
-        return StoreStats(
-            since=since,
-            outbox_unprocessed=int(backlog[0]),
-            oldest_unprocessed=await self.oldest_unprocessed(),
-            pending=int(backlog[1]),
-            due=int(backlog[2]),
-            attempts=int(attempts),
-            attempts_succeeded=int(succeeded),
-            attempts_failed=int(attempts) - int(succeeded),
-            deliveries_succeeded=int(backlog[3]),
-            deliveries_failed=int(backlog[4]),
-            quarantined=int(backlog[5]),
-            failures_by_endpoint=tuple((str(e), int(n)) for e, n in failures),
-        )
+        oldest = await self.oldest_unprocessed()
+        return rows_mod.store_stats(since, backlog, attempts, failures, oldest)
 
 
 def _rowcount(status: str) -> int:
     """The row count of a command status ("UPDATE 3", "INSERT 0 1", "DELETE 0")."""
     tail = status.rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
-
-
-def _endpoint_state(r: Any) -> EndpointState:
-    return EndpointState(
-        endpoint_id=str(r[0]),
-        state=EndpointStatus(r[1]),
-        reason=r[2],
-        since=float(r[3]),
-        consecutive_failures=int(r[4]),
-        failing_since=r[5],
-        paused_until=r[6],
-        cooldown_level=int(r[7]),
-        disabled_reason=r[8],
-        updated_at=float(r[9]),
-    )

@@ -40,7 +40,6 @@ from webhookd.models import (
     EndpointHealth,
     EndpointRemoval,
     EndpointState,
-    EndpointStatus,
     Event,
     EventRecord,
     FanoutResult,
@@ -50,6 +49,7 @@ from webhookd.models import (
     StoreStats,
 )
 from webhookd.retention import CheckpointResult
+from webhookd.store import rows as rows_mod
 from webhookd.store.base import (
     ENDPOINT_ROW_COLUMNS,
     Planner,
@@ -444,19 +444,7 @@ class SQLiteBackend:
         )
         out = []
         for r in rows:
-            delivery = Delivery(
-                pk=r[0],
-                delivery_id=r[1],
-                endpoint_id=r[2],
-                event_id=r[3],
-                event_type=r[4],
-                occurred_at=r[5],
-                body=bytes(r[6]),
-                attempts=r[7],
-                created_at=r[8],
-                attempts_before_schedule=r[9],
-                schedule_started_at=r[10],
-            )
+            delivery = rows_mod.claimed_delivery(r)
             leased.add(delivery.pk)
             self._lease_endpoint[delivery.pk] = endpoint_id
             out.append(delivery)
@@ -523,15 +511,7 @@ class SQLiteBackend:
 
         async def write(conn: aiosqlite.Connection) -> None:
             event_row = await conn.execute(
-                _Q["insert_test_event"],
-                {
-                    "event_id": event.event_id,
-                    "event_type": event.event_type,
-                    "tenant": event.tenant,
-                    "occurred_at": event.occurred_at,
-                    "body": event.body,
-                    "now": now,
-                },
+                _Q["insert_test_event"], rows_mod.send_test_event_params(event, now)
             )
             delivery_row = await conn.execute(
                 _Q["insert_test_delivery"],
@@ -577,25 +557,11 @@ class SQLiteBackend:
 
     async def endpoint_states(self) -> dict[str, EndpointState]:
         rows = await self._read("read endpoint states", _Q["endpoint_states"])
-        return {str(r[0]): _endpoint_state(r) for r in rows}
+        return {str(r[0]): rows_mod.endpoint_state(r) for r in rows}
 
     async def save_endpoint_state(self, state: EndpointState, *, disable_row: bool) -> None:
         async def write(conn: aiosqlite.Connection) -> None:
-            await conn.execute(
-                _Q["save_endpoint_state"],
-                {
-                    "endpoint_id": state.endpoint_id,
-                    "state": state.state.value,
-                    "reason": state.reason,
-                    "since": state.since,
-                    "consecutive_failures": state.consecutive_failures,
-                    "failing_since": state.failing_since,
-                    "paused_until": state.paused_until,
-                    "cooldown_level": state.cooldown_level,
-                    "disabled_reason": state.disabled_reason,
-                    "updated_at": state.updated_at,
-                },
-            )
+            await conn.execute(_Q["save_endpoint_state"], rows_mod.endpoint_state_params(state))
             if disable_row:
                 await conn.execute(_Q["disable_endpoint_row"], {"id": state.endpoint_id})
 
@@ -609,7 +575,7 @@ class SQLiteBackend:
             if not rows:
                 return None
             await conn.execute(_Q["bump_endpoints_version"])
-            return _endpoint_state(rows[0])
+            return rows_mod.endpoint_state(rows[0])
 
         return await self._transaction("clear endpoint state", write)
 
@@ -617,40 +583,9 @@ class SQLiteBackend:
         return await self._deliveries(filters, None)
 
     async def _deliveries(self, f: DeliveryFilter, delivery_id: str | None) -> list[DeliveryRecord]:
-        rows = await self._read(
-            "list deliveries",
-            _Q["list_deliveries"],
-            {
-                "state": f.state,
-                "endpoint": f.endpoint_id,
-                "event_type": f.event_type,
-                "event_id": f.event_id,
-                "tenant": f.tenant,
-                "delivery_id": delivery_id,
-                "limit": f.limit,
-                "since": f.since,
-                "until": f.until,
-            },
-        )
-        return [
-            DeliveryRecord(
-                delivery_id=r[0],
-                endpoint_id=r[1],
-                event_id=r[2],
-                event_type=r[3],
-                tenant=r[4],
-                state=r[5],
-                attempts=r[6],
-                created_at=r[7],
-                updated_at=r[8],
-                next_attempt_at=r[9] if r[5] == "pending" else None,
-                last_status=r[10],
-                last_error=r[11],
-                retried_at=r[13],
-                attempts_before_retry=r[14],
-            )
-            for r in rows
-        ]
+        params = rows_mod.delivery_filter_params(f, delivery_id)
+        rows = await self._read("list deliveries", _Q["list_deliveries"], params)
+        return [rows_mod.delivery_record(r) for r in rows]
 
     async def get_delivery(self, delivery_id: str) -> DeliveryRecord | None:
         found = await self._read(
@@ -795,18 +730,7 @@ class SQLiteBackend:
             "read endpoint health", _Q["endpoint_health_window"], {"since": since}
         )
         errors = await self._read("read endpoint errors", _Q["endpoint_last_errors"])
-        pending = await self.pending_counts()
-        out: dict[str, EndpointHealth] = {}
-        for ep_id, count, succeeded, p95 in window:
-            out[ep_id] = EndpointHealth(ep_id, int(count), int(succeeded), float(p95))
-        for ep_id, error, status, at in errors:
-            base = out.get(ep_id, EndpointHealth(ep_id))
-            out[ep_id] = replace(
-                base, last_error=error, last_error_status=status, last_error_at=float(at)
-            )
-        for ep_id, n in pending.items():
-            out[ep_id] = replace(out.get(ep_id, EndpointHealth(ep_id)), pending=n)
-        return dict(sorted(out.items()))
+        return rows_mod.endpoint_health(window, errors, await self.pending_counts())
 
     async def requeue(
         self, delivery_ids: Sequence[str], now: float, states: Collection[str]
@@ -854,41 +778,12 @@ class SQLiteBackend:
         [backlog] = await self._read(
             "read stats", _Q["stats_backlog"], {"after": cursor, "now": now, "since": since}
         )
-        [(attempts, succeeded)] = await self._read(
-            "read stats", _Q["stats_attempts"], {"since": since}
-        )
+        [attempts] = await self._read("read stats", _Q["stats_attempts"], {"since": since})
         failures = await self._read(
             "read stats", _Q["stats_failures_by_endpoint"], {"since": since, "top": top}
         )
-        return StoreStats(
-            since=since,
-            outbox_unprocessed=int(backlog[0]),
-            oldest_unprocessed=await self.oldest_unprocessed(),
-            pending=int(backlog[1]),
-            due=int(backlog[2]),
-            attempts=int(attempts),
-            attempts_succeeded=int(succeeded),
-            attempts_failed=int(attempts) - int(succeeded),
-            deliveries_succeeded=int(backlog[3]),
-            deliveries_failed=int(backlog[4]),
-            quarantined=int(backlog[5]),
-            failures_by_endpoint=tuple((str(e), int(n)) for e, n in failures),
-        )
-
-
-def _endpoint_state(r: Any) -> EndpointState:
-    return EndpointState(
-        endpoint_id=str(r[0]),
-        state=EndpointStatus(r[1]),
-        reason=r[2],
-        since=float(r[3]),
-        consecutive_failures=int(r[4]),
-        failing_since=r[5],
-        paused_until=r[6],
-        cooldown_level=int(r[7]),
-        disabled_reason=r[8],
-        updated_at=float(r[9]),
-    )
+        oldest = await self.oldest_unprocessed()
+        return rows_mod.store_stats(since, backlog, attempts, failures, oldest)
 
 
 def _split_statements(script: str) -> list[str]:
