@@ -272,6 +272,9 @@ class EndpointWorker:
             await self.d.store.release(pks)
         except StorageError as exc:
             self.d.store_failed("release", exc)
+        worker = self.d.workers.get(self.endpoint.id)
+        if worker is not None and worker is not self:
+            worker.wake.set()  # this worker was replaced: the new one may send them now
 
     def _shared_timeout(self, timeout: float | None) -> float | None:
         """Where other daemons share the store, what this worker cannot see may change: look
