@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import trustme
 from helpers import free_port
 
 if TYPE_CHECKING:
@@ -184,6 +185,22 @@ def test_update_changes_only_what_its_flags_say(workspace: Workspace) -> None:
     assert refused.returncode == EXIT_USAGE
     assert "must not contain credentials" in refused.stderr
     assert workspace.scalar("SELECT url FROM webhook_endpoints") == "https://crm2.example/hook"
+    # --ca-bundle: an absolute path to a PEM file the daemon can load, '' for the default.
+    pem = workspace.dir / "private-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(pem))
+    workspace.cli_ok("endpoints", "update", "crm", "--ca-bundle", str(pem))
+    assert workspace.scalar("SELECT ca_bundle FROM webhook_endpoints") == str(pem)
+    assert f"ca bundle    {pem}" in workspace.cli_ok("endpoints", "show", "crm").stdout
+    not_pem = workspace.cli("endpoints", "update", "crm", "--ca-bundle", str(secret_file))
+    assert not_pem.returncode == EXIT_USAGE
+    assert "no PEM certificate could be read" in not_pem.stderr
+    relative = workspace.cli("endpoints", "update", "crm", "--ca-bundle", "private-ca.pem")
+    assert relative.returncode == EXIT_USAGE
+    assert "absolute path" in relative.stderr
+    assert workspace.scalar("SELECT ca_bundle FROM webhook_endpoints") == str(pem)
+    workspace.cli_ok("endpoints", "update", "crm", "--ca-bundle", "")
+    assert workspace.scalar("SELECT ca_bundle FROM webhook_endpoints") is None
+
     missing = workspace.cli("endpoints", "update", "nope", "--description", "x")
     assert missing.returncode == EXIT_FAILURE
     assert "no endpoint 'nope'" in missing.stderr
@@ -319,7 +336,11 @@ def test_retry_a_dead_letter_and_replay_a_success_while_the_daemon_runs(
         (2, 500),
         (3, 200),
     ]
-    assert "retried" in workspace.cli_ok("deliveries", "show", dead["delivery_id"]).stdout
+    text = workspace.cli_ok("deliveries", "show", dead["delivery_id"]).stdout
+    assert "retried" in text
+    # Each failed attempt says what failed, as --json's error_kind does.
+    assert [a["error_kind"] for a in shown["attempt_log"]] == ["http_status", "http_status", None]
+    assert text.count("HTTP 500  [http_status]") == 2, text
 
     # A succeeded delivery is replayed only when asked to.
     refused = workspace.cli("deliveries", "retry", dead["delivery_id"])

@@ -149,6 +149,8 @@ def print_delivery(record: DeliveryRecord, indent: str = "") -> None:
         outcome = f"HTTP {a.status_code}" if a.status_code is not None else a.result
         took = f"{a.duration_seconds * 1000:.0f} ms"
         line = f"{p}  #{a.attempt_no}  {iso(a.started_at)}  {took}  {outcome}"
+        if a.error_kind:
+            line += f"  [{a.error_kind}]"
         if a.error and a.status_code is None:
             line += f"  {a.error}"
         print(line)

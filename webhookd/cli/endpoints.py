@@ -148,6 +148,8 @@ def cmd_endpoints_show(args: argparse.Namespace) -> int:
         print(f"schemes      {', '.join(ep.schemes)}")
         if ep.headers:
             print(f"headers      {', '.join(name for name, _ in ep.headers)}")
+        if ep.ca_bundle:
+            print(f"ca bundle    {ep.ca_bundle}")
         if ep.description:
             print(f"description  {ep.description}")
         if ep.problem:
@@ -214,6 +216,8 @@ def _apply_flags(row: dict[str, object], args: argparse.Namespace) -> None:
         row["headers"] = _parse_headers(args.header)
     if getattr(args, "no_headers", False):
         row["headers"] = None
+    if args.ca_bundle is not None:
+        row["ca_bundle"] = args.ca_bundle or None  # --ca-bundle '' : the default again
     if args.description is not None:
         row["description"] = args.description
     if args.disabled:
@@ -501,6 +505,12 @@ def _endpoint_flags(p: argparse.ArgumentParser, *, adding: bool) -> None:
         action="append",
         metavar="NAME=VALUE",
         help="an extra request header (repeat for more)",
+    )
+    p.add_argument(
+        "--ca-bundle",
+        metavar="PEM",
+        help="absolute path of a PEM file: the CAs trusted for this endpoint's TLS instead of "
+        "the system's ('' : back to delivery.ca_bundle or the system's)",
     )
     p.add_argument("--description")
     p.add_argument("--disabled", action="store_true", help="create it disabled / disable it")
