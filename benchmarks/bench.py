@@ -1316,8 +1316,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     parser.add_argument(
         "--postgres-url",
-        default="postgresql://webhookd:webhookd@127.0.0.1:5432/webhookd_dev",
-        help="a server where the harness may create and drop databases",
+        help="a server where the harness may create and drop databases (default: a throw-away "
+        "cluster it starts itself with PostgreSQL's initdb and pg_ctl, and removes after)",
     )
     parser.add_argument(
         "--replicas",
@@ -1352,10 +1352,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-if __name__ == "__main__":
-    arguments = parse_args()
+def run(arguments: argparse.Namespace) -> int:
+    import uvloop
+
+    if arguments.store != "postgres" or arguments.postgres_url is not None:
+        return int(uvloop.run(main(arguments)))
+    # No server named: a throw-away cluster, as the tests make (tests/pgcluster.py).
+    sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+    from pgcluster import ClusterError, ThrowAwayCluster, find_server_bindir
+
+    bindir = find_server_bindir()
+    if bindir is None:
+        print("--store postgres: PostgreSQL's server is not installed; or pass --postgres-url")
+        return 2
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency of webhookd
-        sys.exit(asyncio.run(main(arguments)))
-    sys.exit(uvloop.run(main(arguments)))
+        cluster = ThrowAwayCluster(bindir)
+        cluster.init()
+        cluster.start()
+    except ClusterError as exc:
+        print(f"--store postgres: cannot start a throw-away cluster: {exc}", file=sys.stderr)
+        return 2
+    try:
+        print(f"PostgreSQL: a throw-away cluster in {cluster.base} ({bindir})")
+        arguments.postgres_url = cluster.url()
+        return int(uvloop.run(main(arguments)))
+    finally:
+        cluster.stop()
+        cluster.remove()
+
+
+if __name__ == "__main__":
+    sys.exit(run(parse_args()))

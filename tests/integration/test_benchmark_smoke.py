@@ -14,8 +14,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from postgres_fixtures import PostgresServer
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -88,3 +92,39 @@ def test_smoke_run_delivers_and_records_every_delivery(tmp_path: Path) -> None:
     assert burst["ceiling_errors"] == 0
     assert burst["ratio_to_ceiling"] > 0
     assert "PASS" in stdout or "MISS" in stdout
+
+
+def test_postgres_smoke_compares_one_and_two_replicas(
+    tmp_path: Path, postgres_server: PostgresServer
+) -> None:
+    """``--store postgres --replicas 1 --replicas 2`` (issue 7's benchmark) on the test server:
+    both runs record and receive every delivery, and the replica comparison is printed."""
+    report_path = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WEBHOOKD_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable, str(BENCH), "--smoke", "--scenario", "burst",
+            "--store", "postgres", "--postgres-url", postgres_server.url("postgres"),
+            "--replicas", "1", "--replicas", "2", "--json", str(report_path),
+        ],
+        env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, _ = proc.communicate(timeout=HARNESS_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, _ = proc.communicate(timeout=KILL_WAIT_SECONDS)
+        pytest.fail(f"the harness did not finish within {HARNESS_TIMEOUT_SECONDS} s:\n{stdout}")
+    assert proc.returncode == 0, stdout
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    runs = report["scenarios"]["burst"]["runs"]
+    assert [run["replicas"] for run in runs] == [1, 2], runs
+    for run in runs:
+        assert run["recorded"] == run["expected"] > 0, run
+        assert run["received"] == run["expected"], run
+        assert run["exit_codes"] == [0] * run["replicas"], run
+    assert "2 replicas vs 1" in stdout
+    with postgres_server.admin() as conn:  # the harness dropped the databases it made
+        left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%'")
+        assert left.fetchall() == []
