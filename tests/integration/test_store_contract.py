@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import psycopg
 import pytest
@@ -72,63 +72,18 @@ class App(Protocol):
     def delete_endpoint(self, endpoint_id: str) -> None: ...
 
 
-class SQLiteApp:
-    """An application writing the SQLite file with the standard library, autocommit."""
+class SqlApp:
+    """An application writing webhookd's database through a DB-API driver, autocommit: the
+    standard library's sqlite3 (``?`` parameters) or psycopg (``%s``)."""
 
-    def __init__(self, path: Path) -> None:
-        self.conn = sqlite3.connect(path, timeout=10, isolation_level=None)
+    def __init__(self, conn: Any, placeholder: str, *, text_only: bool = False) -> None:
+        self.conn = conn
+        self.mark = placeholder
+        # A PostgreSQL TEXT column holds text: an application's driver sends bytes as text.
+        self.text_only = text_only
 
-    def insert_outbox(
-        self,
-        event_type: str | bytes,
-        payload: str | bytes,
-        *,
-        event_id: str | bytes | int | None = None,
-        tenant: str | bytes | int | None = None,
-        occurred_at: str | bytes | None = None,
-    ) -> int:
-        values: dict[str, object] = {
-            "event_type": event_type,
-            "payload": payload,
-            "event_id": event_id,
-            "tenant": tenant,
-        }
-        if occurred_at is not None:  # left out, the column's default applies
-            values["occurred_at"] = occurred_at
-        cur = self.conn.execute(
-            f"INSERT INTO webhook_outbox ({', '.join(values)}) "
-            f"VALUES ({', '.join('?' * len(values))})",
-            tuple(values.values()),
-        )
-        assert cur.lastrowid is not None
-        return cur.lastrowid
-
-    def delete_outbox(self, outbox_id: int) -> None:
-        self.conn.execute("DELETE FROM webhook_outbox WHERE id = ?", (outbox_id,))
-
-    def upsert_endpoint(self, row: Mapping[str, object]) -> None:
-        values = {**ENDPOINT_DEFAULTS, **row}
-        columns = [c for c in ENDPOINT_COLUMNS if c in values]
-        updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "id")
-        self.conn.execute(
-            f"INSERT INTO webhook_endpoints ({', '.join(columns)}) "
-            f"VALUES ({', '.join('?' * len(columns))}) "
-            f"ON CONFLICT (id) DO UPDATE SET {updates}",
-            tuple(values[c] for c in columns),
-        )
-
-    def delete_endpoint(self, endpoint_id: str) -> None:
-        self.conn.execute("DELETE FROM webhook_endpoints WHERE id = ?", (endpoint_id,))
-
-    def close(self) -> None:
-        self.conn.close()
-
-
-class PostgresApp:
-    """An application writing PostgreSQL with psycopg (synchronous), autocommit."""
-
-    def __init__(self, url: str) -> None:
-        self.conn = psycopg.connect(url, autocommit=True)
+    def _marks(self, n: int) -> str:
+        return ", ".join([self.mark] * n)
 
     def insert_outbox(
         self,
@@ -147,18 +102,18 @@ class PostgresApp:
         }
         if occurred_at is not None:  # left out, the column's default applies
             values["occurred_at"] = occurred_at
-        # A TEXT column holds text: an application's driver sends bytes as text (or fails).
-        values = {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
+        if self.text_only:
+            values = {k: v.decode() if isinstance(v, bytes) else v for k, v in values.items()}
         row = self.conn.execute(
             f"INSERT INTO webhook_outbox ({', '.join(values)}) "
-            f"VALUES ({', '.join(['%s'] * len(values))}) RETURNING id",
+            f"VALUES ({self._marks(len(values))}) RETURNING id",
             tuple(values.values()),
         ).fetchone()
         assert row is not None
         return int(row[0])
 
     def delete_outbox(self, outbox_id: int) -> None:
-        self.conn.execute("DELETE FROM webhook_outbox WHERE id = %s", (outbox_id,))
+        self.conn.execute(f"DELETE FROM webhook_outbox WHERE id = {self.mark}", (outbox_id,))
 
     def upsert_endpoint(self, row: Mapping[str, object]) -> None:
         values = {**ENDPOINT_DEFAULTS, **row}
@@ -166,13 +121,13 @@ class PostgresApp:
         updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "id")
         self.conn.execute(
             f"INSERT INTO webhook_endpoints ({', '.join(columns)}) "
-            f"VALUES ({', '.join(['%s'] * len(columns))}) "
+            f"VALUES ({self._marks(len(columns))}) "
             f"ON CONFLICT (id) DO UPDATE SET {updates}",
             tuple(values[c] for c in columns),
         )
 
     def delete_endpoint(self, endpoint_id: str) -> None:
-        self.conn.execute("DELETE FROM webhook_endpoints WHERE id = %s", (endpoint_id,))
+        self.conn.execute(f"DELETE FROM webhook_endpoints WHERE id = {self.mark}", (endpoint_id,))
 
     def close(self) -> None:
         self.conn.close()
@@ -239,11 +194,13 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     await store.open()
     await store.migrate()
     if request.param == "sqlite":
-        sqlite_app = SQLiteApp(tmp_path / "app.db")
+        sqlite_app = SqlApp(
+            sqlite3.connect(tmp_path / "app.db", timeout=10, isolation_level=None), "?"
+        )
         closers.insert(0, sqlite_app.close)
         app = sqlite_app
     elif request.param == "postgres":
-        pg_app = PostgresApp(url)
+        pg_app = SqlApp(psycopg.connect(url, autocommit=True), "%s", text_only=True)
         closers.insert(0, pg_app.close)
         app = pg_app
     h = Harness(request.param, store, app, make_backend, make_empty, [store], integrity_error)
