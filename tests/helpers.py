@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from aiohttp import web
+
 SEED_RECEIVER_PATH = "/webhooks/bookingscheduler"
 RECEIVER_STOP_TIMEOUT_SECONDS = 5.0
 WAIT_FOR_TIMEOUT_SECONDS = 10.0
@@ -36,6 +38,65 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+class ThreadedAioServer:
+    """An aiohttp application on 127.0.0.1 and a free port, served by its own thread and event
+    loop, so that a test that blocks (subprocesses, sqlite3, psycopg) can run beside it.
+    ``routes`` adds the handlers; they run on ``loop``."""
+
+    def __init__(
+        self,
+        routes: Callable[[web.Application], None],
+        *,
+        backlog: int = 128,
+        timeout_seconds: float = 10.0,
+    ) -> None:
+        self.port = 0
+        self.loop = asyncio.new_event_loop()
+        self._routes = routes
+        self._backlog = backlog
+        self._timeout = timeout_seconds
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._serve, name="aiohttp-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout_seconds) or self._error or not self.port:
+            raise AssertionError(f"the aiohttp server did not start: {self._error!r}")
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self._setup())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self.loop.run_forever()
+
+    async def _setup(self) -> None:
+        app = web.Application()
+        self._routes(app)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=self._backlog)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    def stop(self) -> None:
+        if self.loop.is_closed():
+            return
+        if self._runner is not None and self.loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop)
+            with contextlib.suppress(Exception):
+                future.result(self._timeout)
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(self._timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 class SeedReceiver:

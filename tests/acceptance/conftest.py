@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from helpers import free_port
+from helpers import ThreadedAioServer, free_port
 
 WEBHOOKD = Path(sys.executable).parent / "webhookd"
 
@@ -43,8 +43,7 @@ KILL_WAIT_SECONDS = 10.0
 WAIT_TIMEOUT_SECONDS = 30.0
 POLL_SECONDS = 0.05
 HTTP_PROBE_TIMEOUT_SECONDS = 2.0
-RECEIVER_START_TIMEOUT_SECONDS = 10.0
-RECEIVER_STOP_TIMEOUT_SECONDS = 10.0
+RECEIVER_TIMEOUT_SECONDS = 10.0
 HEADER_PREFIX = "X-BookingScheduler"
 
 
@@ -491,42 +490,18 @@ class AioReceiver:
     def __init__(self, *, delay: float = 0.0, status: int = 200) -> None:
         self.delay = delay
         self.status = status
-        self.port = 0
         self._lock = threading.Lock()
         self._started: list[Received] = []
         self._finished: list[Received] = []
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(RECEIVER_START_TIMEOUT_SECONDS) or self._error or not self.port:
-            raise AssertionError(f"the aiohttp receiver did not start: {self._error!r}")
+        self._server = ThreadedAioServer(
+            lambda app: app.router.add_post("/hook", self._handle),
+            timeout_seconds=RECEIVER_TIMEOUT_SECONDS,
+        )
+        self.port = self._server.port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._setup())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _setup(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -554,17 +529,7 @@ class AioReceiver:
             return list(self._finished)
 
     def stop(self) -> None:
-        if self._loop.is_closed():
-            return
-        if self._runner is not None and self._loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-            with contextlib.suppress(Exception):
-                future.result(RECEIVER_STOP_TIMEOUT_SECONDS)
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(RECEIVER_STOP_TIMEOUT_SECONDS)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._server.stop()
 
 
 @pytest.fixture(scope="session")

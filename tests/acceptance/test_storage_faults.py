@@ -34,7 +34,6 @@ a small ext4 filesystem on a loop device made for the test, never on the machine
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
@@ -50,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
+from helpers import ThreadedAioServer
 
 if TYPE_CHECKING:
     from conftest import WebhookdProcess, Workspace
@@ -83,42 +83,22 @@ class GatedReceiver:
     """aiohttp on 127.0.0.1 in its own thread; answers 200 to a POST once the gate is open."""
 
     def __init__(self) -> None:
-        self.port = 0
         self._lock = threading.Lock()
         self._waiting = 0
         self._answered: list[str] = []
-        self._loop = asyncio.new_event_loop()
-        self._gate: asyncio.Event | None = None
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-        if not self._ready.wait(RECEIVER_TIMEOUT_SECONDS) or not self.port:
-            raise AssertionError("the gated receiver did not start")
+        self._gate = asyncio.Event()  # bound to the server's loop when first awaited there
+        self._server = ThreadedAioServer(
+            lambda app: app.router.add_post("/hook", self._handle),
+            timeout_seconds=RECEIVER_TIMEOUT_SECONDS,
+        )
+        self.port = self._server.port
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/hook"
 
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._setup())
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _setup(self) -> None:
-        self._gate = asyncio.Event()
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
-
     async def _handle(self, request: web.Request) -> web.Response:
         await request.read()
-        assert self._gate is not None
         with self._lock:
             self._waiting += 1
         try:
@@ -139,21 +119,12 @@ class GatedReceiver:
             return list(self._answered)
 
     def open(self) -> None:
-        assert self._gate is not None
-        self._loop.call_soon_threadsafe(self._gate.set)
+        self._server.loop.call_soon_threadsafe(self._gate.set)
 
     def stop(self) -> None:
-        if self._loop.is_closed():
-            return
-        self.open()
-        if self._runner is not None:
-            future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-            with contextlib.suppress(Exception):
-                future.result(RECEIVER_TIMEOUT_SECONDS)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(RECEIVER_TIMEOUT_SECONDS)
-        if not self._thread.is_alive():
-            self._loop.close()
+        if not self._server.loop.is_closed():
+            self.open()
+        self._server.stop()
 
 
 @pytest.fixture

@@ -43,7 +43,7 @@ from typing import Any
 import psycopg
 import pytest
 from aiohttp import web
-from helpers import free_port
+from helpers import ThreadedAioServer, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -59,8 +59,7 @@ KILL_WAIT_SECONDS = 10.0
 CLI_TIMEOUT_SECONDS = 60.0
 POLL_SECONDS = 0.05
 HTTP_PROBE_TIMEOUT_SECONDS = 2.0
-RECEIVER_START_TIMEOUT_SECONDS = 10.0
-RECEIVER_STOP_TIMEOUT_SECONDS = 10.0
+RECEIVER_TIMEOUT_SECONDS = 10.0
 
 # The delivery timeout bounds how long a killed replica's leases block its deliveries (lease =
 # timeout + margin), and must be long enough that no request times out on a busy machine (a
@@ -96,41 +95,18 @@ class CountingReceiver:
 
     def __init__(self, hold_seconds: float) -> None:
         self.hold_seconds = hold_seconds
-        self.port = 0
         self._lock = threading.Lock()
         self._arrivals: list[Arrival] = []
         self._stats: dict[str, EndpointStats] = {}
-        self._loop = asyncio.new_event_loop()
-        self._runner: web.AppRunner | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._serve, name="receiver", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(RECEIVER_START_TIMEOUT_SECONDS) or self._error or not self.port:
-            raise AssertionError(f"the receiver did not start: {self._error!r}")
+        self._server = ThreadedAioServer(
+            lambda app: app.router.add_post("/hook/{endpoint}", self._handle),
+            backlog=1024,
+            timeout_seconds=RECEIVER_TIMEOUT_SECONDS,
+        )
+        self.port = self._server.port
 
     def url(self, endpoint: str) -> str:
         return f"http://127.0.0.1:{self.port}/hook/{endpoint}"
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._setup())
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _setup(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hook/{endpoint}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
 
     async def _handle(self, request: web.Request) -> web.Response:
         endpoint = request.match_info["endpoint"]
@@ -167,17 +143,7 @@ class CountingReceiver:
             return {name: s.max_inflight for name, s in self._stats.items()}
 
     def stop(self) -> None:
-        if self._loop.is_closed():
-            return
-        if self._runner is not None and self._loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-            with contextlib.suppress(Exception):
-                future.result(RECEIVER_STOP_TIMEOUT_SECONDS)
-        if self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(RECEIVER_STOP_TIMEOUT_SECONDS)
-        if not self._thread.is_alive():
-            self._loop.close()
+        self._server.stop()
 
 
 @pytest.fixture
