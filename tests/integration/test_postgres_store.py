@@ -25,9 +25,10 @@ from postgres_fixtures import PasswordUser
 from test_store_contract import (
     EP_A,
     NOW,
-    PostgresApp,
+    SqlApp,
     booking,
     planner,
+    postgres_app,
     succeeded_attempt,
 )
 
@@ -78,8 +79,8 @@ async def replicas(postgres_url: str) -> AsyncIterator[Replicas]:
 
 
 @pytest.fixture
-def app(postgres_url: str, replicas: Replicas) -> Iterator[PostgresApp]:
-    application = PostgresApp(postgres_url)
+def app(postgres_url: str, replicas: Replicas) -> Iterator[SqlApp]:
+    application = postgres_app(postgres_url)
     yield application
     application.close()
 
@@ -200,7 +201,7 @@ async def test_two_replicas_fanning_out_while_writers_commit_at_random_take_each
 
 
 async def test_an_event_id_fanned_out_by_two_replicas_at_once_is_delivered_once(
-    postgres_url: str, replicas: Replicas, app: PostgresApp
+    postgres_url: str, replicas: Replicas, app: SqlApp
 ) -> None:
     """An application that created its outbox without UNIQUE (event_id) can hold two unfanned
     rows with one event id; two replicas fanning them out at once both insert the event, the
@@ -231,7 +232,7 @@ async def test_an_event_id_fanned_out_by_two_replicas_at_once_is_delivered_once(
 
 
 async def test_the_endpoint_cap_holds_across_replicas_claiming_at_once(
-    postgres_url: str, replicas: Replicas, app: PostgresApp
+    postgres_url: str, replicas: Replicas, app: SqlApp
 ) -> None:
     cap = 3
     stores = [replicas.stores[0], await replicas.open(), await replicas.open()]
@@ -293,7 +294,7 @@ KILLED_REPLICA = textwrap.dedent(
 
 
 async def test_a_killed_replicas_lease_expires_and_another_replica_claims_it(
-    postgres_url: str, replicas: Replicas, app: PostgresApp, tmp_path: Path
+    postgres_url: str, replicas: Replicas, app: SqlApp, tmp_path: Path
 ) -> None:
     store = replicas.stores[0]
     booking(app, 2)
@@ -332,7 +333,7 @@ async def test_a_killed_replicas_lease_expires_and_another_replica_claims_it(
 
 
 async def test_record_from_a_replica_that_lost_its_lease_changes_nothing(
-    postgres_url: str, replicas: Replicas, app: PostgresApp
+    postgres_url: str, replicas: Replicas, app: SqlApp
 ) -> None:
     slow, fast = replicas.stores[0], await replicas.open()
     booking(app, 1)
@@ -357,7 +358,7 @@ async def test_record_from_a_replica_that_lost_its_lease_changes_nothing(
 
 
 async def test_a_held_lease_is_renewed_past_its_lease_seconds(
-    postgres_url: str, replicas: Replicas, app: PostgresApp
+    postgres_url: str, replicas: Replicas, app: SqlApp
 ) -> None:
     holder = await replicas.open(lease_seconds=3.0)
     other = replicas.stores[0]
@@ -380,7 +381,7 @@ async def test_a_held_lease_is_renewed_past_its_lease_seconds(
 
 
 async def test_close_frees_the_leases_it_holds_for_the_other_replicas(
-    replicas: Replicas, app: PostgresApp
+    replicas: Replicas, app: SqlApp
 ) -> None:
     leaving, staying = await replicas.open(), replicas.stores[0]
     booking(app, 3)
@@ -396,9 +397,7 @@ async def test_close_frees_the_leases_it_holds_for_the_other_replicas(
 # -- LISTEN/NOTIFY -------------------------------------------------------------------------------
 
 
-async def test_a_commit_to_the_outbox_wakes_every_replica(
-    replicas: Replicas, app: PostgresApp
-) -> None:
+async def test_a_commit_to_the_outbox_wakes_every_replica(replicas: Replicas, app: SqlApp) -> None:
     stores = [replicas.stores[0], await replicas.open()]
     for store in stores:
         assert await store.outbox_changed()  # the first answer is always yes
@@ -410,7 +409,7 @@ async def test_a_commit_to_the_outbox_wakes_every_replica(
 
 
 async def test_fan_out_and_requeue_by_one_replica_wake_the_endpoint_on_the_others(
-    replicas: Replicas, app: PostgresApp
+    replicas: Replicas, app: SqlApp
 ) -> None:
     other = await replicas.open()
     fanning = replicas.stores[0]

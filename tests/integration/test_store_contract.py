@@ -133,6 +133,16 @@ class SqlApp:
         self.conn.close()
 
 
+def sqlite_app(path: Path) -> SqlApp:
+    """An application on the SQLite file at ``path`` (the standard library's sqlite3)."""
+    return SqlApp(sqlite3.connect(path, timeout=10, isolation_level=None), "?")
+
+
+def postgres_app(url: str) -> SqlApp:
+    """An application on the PostgreSQL database at ``url`` (psycopg, synchronous)."""
+    return SqlApp(psycopg.connect(url, autocommit=True), "%s", text_only=True)
+
+
 def postgres_backend(url: str) -> PostgresBackend:
     # outbox_changed() says yes without a notification only after a minute: within a test,
     # only what was committed makes it say yes.
@@ -194,15 +204,13 @@ async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
     await store.open()
     await store.migrate()
     if request.param == "sqlite":
-        sqlite_app = SqlApp(
-            sqlite3.connect(tmp_path / "app.db", timeout=10, isolation_level=None), "?"
-        )
-        closers.insert(0, sqlite_app.close)
-        app = sqlite_app
+        lite = sqlite_app(tmp_path / "app.db")
+        closers.insert(0, lite.close)
+        app = lite
     elif request.param == "postgres":
-        pg_app = SqlApp(psycopg.connect(url, autocommit=True), "%s", text_only=True)
-        closers.insert(0, pg_app.close)
-        app = pg_app
+        pg = postgres_app(url)
+        closers.insert(0, pg.close)
+        app = pg
     h = Harness(request.param, store, app, make_backend, make_empty, [store], integrity_error)
     yield h
     for s in h.opened:
