@@ -19,7 +19,7 @@ from webhookd.cli.common import (
     with_store,
 )
 from webhookd.errors import PayloadError, WebhookdError
-from webhookd.settings import DatabaseSettings, Settings
+from webhookd.settings import Settings
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
@@ -67,18 +67,16 @@ async def _enqueue_postgres(settings: Settings, args: argparse.Namespace, data: 
     import asyncpg  # type: ignore[import-untyped]
 
     from webhookd.outbox import enqueue_async
-    from webhookd.store.postgres import safe_url
+    from webhookd.store.postgres import driver_message, safe_url
 
     db = settings.database
     where = safe_url(db.url)
+    password = db.postgres_password()
     try:
-        conn = await asyncpg.connect(
-            db.url, password=db.postgres_password(), timeout=db.connect_timeout_seconds
-        )
+        conn = await asyncpg.connect(db.url, password=password, timeout=db.connect_timeout_seconds)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise WebhookdError(
-            f"cannot connect to PostgreSQL at {where}: {_without(exc, db)}"
-        ) from None
+        message = driver_message(exc, db.url, password)
+        raise WebhookdError(f"cannot connect to PostgreSQL at {where}: {message}") from None
     try:
         return await enqueue_async(
             conn,
@@ -94,20 +92,10 @@ async def _enqueue_postgres(settings: Settings, args: argparse.Namespace, data: 
     except asyncpg.UndefinedTableError:
         raise WebhookdError("the outbox table does not exist: run `webhookd migrate`") from None
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise WebhookdError(f"cannot write to {where}: {_without(exc, db)}") from None
+        message = driver_message(exc, db.url, password)
+        raise WebhookdError(f"cannot write to {where}: {message}") from None
     finally:
         await conn.close()
-
-
-def _without(exc: BaseException, db: DatabaseSettings) -> str:
-    """The driver's message with the password blanked out."""
-    from urllib.parse import urlsplit
-
-    text = str(exc) or type(exc).__name__
-    for secret in (db.postgres_password(), urlsplit(db.url).password):
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def cmd_quarantine_list(args: argparse.Namespace) -> int:

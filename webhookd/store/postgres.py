@@ -145,6 +145,19 @@ def safe_url(url: str) -> str:
     return f"postgresql://{user}@{host}:{port}/{dbname}"
 
 
+def driver_message(exc: BaseException, url: str, password: str | None) -> str:
+    """The driver's message with every password that may have been used for ``url`` (the
+    given one, PGPASSWORD's, the URL's) blanked out."""
+    secrets_used = [password, os.environ.get("PGPASSWORD")]
+    with contextlib.suppress(ValueError):
+        secrets_used.append(urlsplit(url).password)
+    text = str(exc) or type(exc).__name__
+    for secret in secrets_used:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
 def _os_user() -> str:
     try:
         return getpass.getuser()
@@ -194,18 +207,8 @@ class PostgresBackend:
 
     # -- connections -------------------------------------------------------------------------
 
-    def _secrets(self) -> list[str]:
-        found = [self._password, os.environ.get("PGPASSWORD")]
-        with contextlib.suppress(ValueError):
-            found.append(urlsplit(self._url).password)
-        return [s for s in found if s]
-
     def _message(self, exc: BaseException) -> str:
-        """The driver's message with any password blanked out."""
-        text = str(exc) or type(exc).__name__
-        for secret in self._secrets():
-            text = text.replace(secret, "***")
-        return text
+        return driver_message(exc, self._url, self._password)
 
     async def _connect(self) -> asyncpg.Connection:
         return await asyncpg.connect(
