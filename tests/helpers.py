@@ -14,7 +14,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -38,6 +38,68 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def rss_bytes() -> int:
+    """This process's resident set size (VmRSS), in bytes: Linux only."""
+    with open("/proc/self/status", encoding="ascii") as status_file:
+        for line in status_file:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+# -- TOML config files -----------------------------------------------------------------------------
+
+
+def _toml_key(key: str) -> str:
+    if key and all(c.isalnum() or c in "_-" for c in key) and key.isascii():
+        return key
+    return json.dumps(key, ensure_ascii=False)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        # A JSON string without \uXXXX surrogate escapes is a valid TOML basic string.
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + inner + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def toml_text(config: Mapping[str, Any]) -> str:
+    """``{"section": {...}, "endpoints": [{...}, ...]}`` as TOML text."""
+    lines: list[str] = []
+    for section, body in config.items():
+        if section == "endpoints":
+            continue
+        lines.append(f"[{_toml_key(section)}]")
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items()]
+        lines.append("")
+    for endpoint in config.get("endpoints", ()):
+        lines.append("[[endpoints]]")
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in endpoint.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def deep_merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides``: a mapping merges into a dict of the same key, anything else
+    replaces it."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 class ThreadedAioServer:

@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from helpers import ThreadedAioServer, free_port
+from helpers import ThreadedAioServer, deep_merge, free_port, toml_text
 
 WEBHOOKD = Path(sys.executable).parent / "webhookd"
 
@@ -52,57 +52,6 @@ def clean_environ(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WEBHOOKD_")}
     env.update(extra)
     return env
-
-
-# -- TOML ------------------------------------------------------------------------------------
-
-
-def _toml_key(key: str) -> str:
-    if key and all(c.isalnum() or c in "_-" for c in key) and key.isascii():
-        return key
-    return json.dumps(key, ensure_ascii=False)
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        # A JSON string without \uXXXX surrogate escapes is a valid TOML basic string.
-        return json.dumps(str(value), ensure_ascii=False)
-    if isinstance(value, Sequence):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):
-        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
-        return "{" + inner + "}"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def toml_text(config: Mapping[str, Any]) -> str:
-    """``{"section": {...}, "endpoints": [{...}, ...]}`` as TOML text."""
-    lines: list[str] = []
-    for section, body in config.items():
-        if section == "endpoints":
-            continue
-        lines.append(f"[{_toml_key(section)}]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in body.items()]
-        lines.append("")
-    for endpoint in config.get("endpoints", ()):
-        lines.append("[[endpoints]]")
-        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in endpoint.items()]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 # -- HTTP probes -----------------------------------------------------------------------------
@@ -292,7 +241,7 @@ class Workspace:
         **overrides: Mapping[str, Any],
     ) -> Path:
         """Write the base config with ``overrides`` (per section) and ``endpoints``."""
-        config = _merge(self.base_config(), overrides)
+        config = deep_merge(self.base_config(), overrides)
         config["endpoints"] = list(endpoints)
         target = path or self.config_path
         target.write_text(toml_text(config), encoding="utf-8")

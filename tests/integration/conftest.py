@@ -3,12 +3,16 @@
 ``js_json``: one long-lived ``node tests/node/roundtrip.js`` per session that answers what
 JavaScript's ``JSON.parse``/``JSON.stringify`` make of a text, so property tests can check
 thousands of documents against the real thing in a few seconds.
+
+``log_events``: the daemon's structured log events during a test (see
+:class:`operator_fixtures.LogEvents`).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -17,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from operator_fixtures import LogEvents, capturing_logs
 
 ROUNDTRIP_SCRIPT = Path(__file__).parent.parent / "node" / "roundtrip.js"
 NODE_EXIT_TIMEOUT_SECONDS = 10.0
@@ -87,3 +92,10 @@ def js_json(tmp_path_factory: pytest.TempPathFactory) -> Iterator[JavaScriptJSON
                 process.kill()
                 process.wait()
             process.stdout.close()
+
+
+@pytest.fixture
+def log_events() -> Iterator[LogEvents]:
+    """Every event the daemon logs during the test, at every level."""
+    with capturing_logs(LogEvents(), logging.DEBUG) as handler:
+        yield handler

@@ -6,8 +6,12 @@
 - :func:`running_daemon`: ``Daemon(settings).run()`` as a task, for the duration of a block.
 - :func:`daemon_settings`: test settings (database in ``tmp_path``, fast retries, http and
   loopback addresses allowed).
+- :func:`serve_on_loopback`: an aiohttp handler served on 127.0.0.1 and a free port, for
+  receivers that answer in their own way.
 - :func:`insert_outbox`, :func:`insert_endpoint`, :func:`query`, :func:`execute`: plain
   ``sqlite3`` on the daemon's database file, as an application would use it.
+- :func:`deliveries`, :func:`attempts`, :func:`endpoint_state_row`,
+  :func:`stored_endpoint_state`: what the daemon wrote there.
 - :func:`eventually`: poll a condition with a bound.
 """
 
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from aiohttp import web
+from helpers import deep_merge
 from multidict import CIMultiDict
 
 from webhookd.daemon import Daemon
@@ -87,6 +92,26 @@ class ReceivedRequest:
 
 
 Script = Callable[[ReceivedRequest], Answer]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def serve_on_loopback(handler: Handler) -> tuple[web.AppRunner, int]:
+    """Serve ``handler`` for every method and path on 127.0.0.1 and a free port.
+
+    Returns the runner (``await runner.cleanup()`` stops it) and the port.
+    """
+    app = web.Application(client_max_size=1024 * 1024)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=RECEIVER_SHUTDOWN_TIMEOUT_SECONDS,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, int(runner.addresses[0][1])
 
 
 def per_attempt(*answers: Answer) -> Script:
@@ -120,18 +145,7 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}{path}"
 
     async def __aenter__(self) -> Receiver:
-        app = web.Application(client_max_size=1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=RECEIVER_SHUTDOWN_TIMEOUT_SECONDS,
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await serve_on_loopback(self._handle)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -186,16 +200,6 @@ class Receiver:
 # -- daemon ----------------------------------------------------------------------------------
 
 
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 def daemon_settings(
     tmp_path: Path,
     *,
@@ -228,7 +232,7 @@ def daemon_settings(
         "log": {"level": "warning"},
         "endpoints": [dict(ep) for ep in endpoints],
     }
-    return Settings.model_validate(_deep_merge(base, sections))
+    return Settings.model_validate(deep_merge(base, sections))
 
 
 @contextlib.asynccontextmanager
@@ -389,4 +393,25 @@ def attempts(db_path: Path, delivery_pk: int) -> list[Any]:
         db_path,
         "SELECT * FROM webhookd_attempts WHERE delivery_pk = ? ORDER BY attempt_no",
         (delivery_pk,),
+    )
+
+
+def endpoint_state_row(db_path: Path, endpoint_id: str) -> Any:
+    """The endpoint's row of webhookd_endpoint_state (its circuit), or None."""
+    rows = query(
+        db_path, "SELECT * FROM webhookd_endpoint_state WHERE endpoint_id = ?", (endpoint_id,)
+    )
+    return rows[0] if rows else None
+
+
+async def stored_endpoint_state(db_path: Path, endpoint_id: str, state: str) -> Any:
+    """The endpoint's stored state row, once it says ``state`` (it is written just after the
+    state changes in memory)."""
+    return await eventually(
+        lambda: (
+            (row := endpoint_state_row(db_path, endpoint_id)) is not None
+            and row["state"] == state
+            and row
+        ),
+        what=f"{endpoint_id}'s stored state to be {state}",
     )

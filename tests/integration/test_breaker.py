@@ -14,39 +14,36 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
-import os
-import sys
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 from daemon_fixtures import (
-    DELIVERY_HEADER,
     OutboxRow,
+    ReceivedRequest,
+    Receiver,
     deliveries,
+    endpoint_state_row,
     eventually,
     http_base,
     insert_endpoint,
     insert_outbox,
     query,
     running_daemon,
+    stored_endpoint_state,
 )
+from operator_fixtures import LogEvents, endpoint_state_gauge, webhookd, write_config_file
 
-from webhookd.daemon import Daemon
 from webhookd.settings import Settings, load_settings
 
 pytestmark = pytest.mark.timeout(120)
 
 SECRET = "whsec_breaker_secret"
-CLI_TIMEOUT_SECONDS = 60.0
 CLOCK_EPSILON_SECONDS = 1e-3
+RECEIVER_DELAY_SECONDS = 0.05
 # Fast retries, no jitter, and a budget that never runs out during a test.
 FAST_RETRY = {
     "initial_delay_seconds": 0.05,
@@ -60,75 +57,17 @@ FAST_RETRY = {
 # -- a receiver whose answer the test switches -----------------------------------------------
 
 
-@dataclass
-class Hit:
-    delivery_id: str
-    arrived_at: float
-    status: int
-    answered_at: float = 0.0
+def failing_receiver() -> Receiver:
+    """Answers 500 (``receiver.answer = 200`` switches it) after a short delay, so that requests
+    overlap and the concurrency it sees means something."""
+    return Receiver(answer=500, delay_seconds=RECEIVER_DELAY_SECONDS)
 
 
-@dataclass
-class Receiver:
-    """An aiohttp receiver on 127.0.0.1 answering ``status`` (changeable at any time) after
-    ``delay_seconds``; it records each request and how many it handled at once."""
-
-    status: int = 500
-    delay_seconds: float = 0.05
-    hits: list[Hit] = field(default_factory=list)
-    inflight: int = 0
-    max_inflight: int = 0
-    port: int = 0
-    _runner: web.AppRunner | None = None
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hook"
-
-    async def __aenter__(self) -> Receiver:
-        app = web.Application()
-        app.router.add_post("/hook", self._handle)
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
-        )
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        self.inflight += 1
-        self.max_inflight = max(self.max_inflight, self.inflight)
-        try:
-            await request.read()
-            hit = Hit(request.headers.get(DELIVERY_HEADER, ""), time.time(), self.status)
-            self.hits.append(hit)
-            await asyncio.sleep(self.delay_seconds)
-            hit.answered_at = time.time()
-            return web.Response(status=hit.status)
-        finally:
-            self.inflight -= 1
-
-    def since(self, moment: float) -> list[Hit]:
-        return [h for h in self.hits if h.arrived_at > moment]
+def arrived_after(receiver: Receiver, moment: float) -> list[ReceivedRequest]:
+    return [r for r in receiver.requests if r.arrived_at > moment]
 
 
 # -- configuration, CLI, logs ----------------------------------------------------------------
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    raise TypeError(value)
 
 
 def write_config(
@@ -147,15 +86,7 @@ def write_config(
     }
     for name, values in sections.items():
         config.setdefault(name, {}).update(values)
-    lines = []
-    for name, values in config.items():
-        lines.append(f"[{name}]")
-        lines += [f"{key} = {_toml(value)}" for key, value in values.items()]
-    for ep in endpoints:
-        lines.append("[[endpoints]]")
-        lines += [f"{key} = {_toml(value)}" for key, value in ep.items()]
-    path = tmp_path / "webhookd.toml"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path = write_config_file(tmp_path / "webhookd.toml", config, endpoints)
     return path, load_settings(path)
 
 
@@ -167,91 +98,19 @@ def bookings(n: int, start: int = 0) -> list[OutboxRow]:
     return [OutboxRow("booking.created", {"id": f"book_{i}"}) for i in range(start, start + n)]
 
 
-async def webhookd(config: Path, *args: str) -> tuple[int, str, str]:
-    """Run the installed ``webhookd`` command beside the running daemon."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")}
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).parent / "webhookd"),
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-def gauge(daemon: Daemon, endpoint_id: str, state: str) -> float | None:
-    value: float | None = daemon.metrics.registry.get_sample_value(
-        "webhookd_endpoint_state", {"endpoint": endpoint_id, "state": state}
-    )
-    return value
-
-
-def state_row(db: Path, endpoint_id: str) -> Any:
-    rows = query(db, "SELECT * FROM webhookd_endpoint_state WHERE endpoint_id = ?", (endpoint_id,))
-    return rows[0] if rows else None
-
-
-async def stored_state(db: Path, endpoint_id: str, state: str) -> Any:
-    """The endpoint's stored state row, once it says ``state`` (it is written just after the
-    state changes in memory)."""
-    return await eventually(
-        lambda: (row := state_row(db, endpoint_id)) is not None and row["state"] == state and row,
-        what=f"{endpoint_id}'s stored state to be {state}",
-    )
-
-
 def attempts_made(db: Path) -> int:
     return int(query(db, "SELECT count(*) FROM webhookd_attempts")[0][0])
-
-
-class StateChanges(logging.Handler):
-    """``endpoint_state_changed`` events, as the daemon logged them."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.changes: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage() == "endpoint_state_changed":
-            self.changes.append(dict(getattr(record, "webhookd_fields", {})))
-
-    def moves(self) -> list[tuple[str, str]]:
-        return [(c["from"], c["to"]) for c in self.changes]
-
-
-@pytest.fixture
-def state_changes() -> Iterator[StateChanges]:
-    handler = StateChanges()
-    logger = logging.getLogger("webhookd")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 # -- backing off, probing, recovering --------------------------------------------------------
 
 
 async def test_an_endpoint_that_keeps_failing_is_backed_off_then_probed_until_it_recovers(
-    tmp_path: Path, state_changes: StateChanges
+    tmp_path: Path, log_events: LogEvents
 ) -> None:
     db = tmp_path / "webhookd.db"
     cooldowns = [0.5, 1.0, 1.0]  # cooldown_seconds 0.5, multiplier 2, capped at 1.0
-    async with Receiver(status=500) as receiver:
+    async with failing_receiver() as receiver:
         config, settings = write_config(
             tmp_path,
             [endpoint("ep", receiver.url(), max_concurrency=4)],
@@ -265,17 +124,21 @@ async def test_an_endpoint_that_keeps_failing_is_backed_off_then_probed_until_it
         )
         async with running_daemon(settings) as daemon:
             await insert_outbox(db, bookings(12))
-            await eventually(lambda: gauge(daemon, "ep", "backing_off") == 1.0, what="back-off")
-            opened = await stored_state(db, "ep", "backing_off")
+            await eventually(
+                lambda: endpoint_state_gauge(daemon, "ep", "backing_off") == 1.0, what="back-off"
+            )
+            opened = await stored_endpoint_state(db, "ep", "backing_off")
             # Three probes fail, each after its cool-down.
             await eventually(
-                lambda: len([h for h in receiver.since(opened["since"]) if h.answered_at]) == 3,
+                lambda: (
+                    len([h for h in arrived_after(receiver, opened["since"]) if h.answered_at]) == 3
+                ),
                 what="three failed probes",
             )
             waiting = len(deliveries(db, attempts=0))
             spent = attempts_made(db)
-            before = [h for h in receiver.hits if h.arrived_at <= opened["since"]]
-            probes = receiver.since(opened["since"])
+            before = [h for h in receiver.requests if h.arrived_at <= opened["since"]]
+            probes = arrived_after(receiver, opened["since"])
             async with (
                 aiohttp.ClientSession() as session,
                 session.get(f"{http_base(daemon)}/metrics") as response,
@@ -287,12 +150,12 @@ async def test_an_endpoint_that_keeps_failing_is_backed_off_then_probed_until_it
             code, table, _ = await webhookd(config, "endpoints", "list")
             assert code == 0
 
-            receiver.status = 200
+            receiver.answer = 200
             await eventually(
                 lambda: len(deliveries(db, state="succeeded")) == 12, what="every delivery"
             )
-            assert gauge(daemon, "ep", "ok") == 1.0
-            assert gauge(daemon, "ep", "backing_off") == 0.0
+            assert endpoint_state_gauge(daemon, "ep", "ok") == 1.0
+            assert endpoint_state_gauge(daemon, "ep", "backing_off") == 0.0
 
     # Backed off as a whole: the first batch (at most max_concurrency requests) failed, then
     # only probes went out; the other deliveries waited without spending attempts.
@@ -307,7 +170,7 @@ async def test_an_endpoint_that_keeps_failing_is_backed_off_then_probed_until_it
     # One probe at a time, each no sooner than its cool-down after the failure before it.
     previous_end = opened["since"]
     for probe, cooldown in zip(probes[:3], cooldowns, strict=True):
-        assert probe.status == 500
+        assert probe.answer == 500
         assert probe.arrived_at >= previous_end + cooldown - CLOCK_EPSILON_SECONDS
         previous_end = probe.answered_at
     assert all(a.answered_at <= b.arrived_at for a, b in pairwise(probes))
@@ -319,17 +182,17 @@ async def test_an_endpoint_that_keeps_failing_is_backed_off_then_probed_until_it
     [line] = [ln for ln in table.splitlines() if ln.startswith("ep ")]
     assert "backing_off" in line
     # Then full speed: requests overlapped again once a probe succeeded.
-    recovered_at = next(h.arrived_at for h in receiver.hits if h.status == 200)
-    after = [h for h in receiver.hits if h.arrived_at >= recovered_at]
+    recovered_at = next(h.arrived_at for h in receiver.requests if h.answer == 200)
+    after = [h for h in receiver.requests if h.arrived_at >= recovered_at]
     assert any(a.answered_at > b.arrived_at for a, b in pairwise(after))
     assert all(d["state"] == "succeeded" for d in deliveries(db))
-    assert state_changes.moves() == [("ok", "backing_off"), ("backing_off", "ok")]
-    assert state_changes.changes[-1]["reason"] == "the probe succeeded"
+    assert log_events.endpoint_state_moves() == [("ok", "backing_off"), ("backing_off", "ok")]
+    assert log_events.named("endpoint_state_changed")[-1]["reason"] == "the probe succeeded"
 
 
 async def test_the_breaker_state_survives_a_restart(tmp_path: Path) -> None:
     db = tmp_path / "webhookd.db"
-    async with Receiver(status=500) as receiver:
+    async with failing_receiver() as receiver:
         _, settings = write_config(
             tmp_path,
             [endpoint("ep", receiver.url(), max_concurrency=1)],
@@ -337,31 +200,33 @@ async def test_the_breaker_state_survives_a_restart(tmp_path: Path) -> None:
         )
         async with running_daemon(settings) as daemon:
             await insert_outbox(db, bookings(4))
-            await eventually(lambda: gauge(daemon, "ep", "backing_off") == 1.0, what="back-off")
-        stored = state_row(db, "ep")
-        before_restart = len(receiver.hits)
-        receiver.status = 200
+            await eventually(
+                lambda: endpoint_state_gauge(daemon, "ep", "backing_off") == 1.0, what="back-off"
+            )
+        stored = endpoint_state_row(db, "ep")
+        before_restart = len(receiver.requests)
+        receiver.answer = 200
         async with running_daemon(settings) as daemon:
             # Still backing off after the restart, until the stored cool-down ends.
-            assert gauge(daemon, "ep", "backing_off") == 1.0
+            assert endpoint_state_gauge(daemon, "ep", "backing_off") == 1.0
             await eventually(lambda: len(deliveries(db, state="succeeded")) == 4, what="all")
-            assert gauge(daemon, "ep", "ok") == 1.0
+            assert endpoint_state_gauge(daemon, "ep", "ok") == 1.0
     assert stored["state"] == "backing_off"
     assert stored["consecutive_failures"] == 2
-    first_after = receiver.hits[before_restart]
+    first_after = receiver.requests[before_restart]
     assert first_after.arrived_at >= stored["paused_until"]
-    assert state_row(db, "ep")["state"] == "ok"
+    assert endpoint_state_row(db, "ep")["state"] == "ok"
 
 
 # -- disabled after failing for too long -----------------------------------------------------
 
 
 async def test_an_endpoint_failing_for_too_long_is_disabled_and_nothing_is_dropped(
-    tmp_path: Path, state_changes: StateChanges
+    tmp_path: Path, log_events: LogEvents
 ) -> None:
     db = tmp_path / "webhookd.db"
     disable_after = 1.5
-    async with Receiver(status=500) as receiver:
+    async with failing_receiver() as receiver:
         config, settings = write_config(
             tmp_path,
             breaker={
@@ -374,24 +239,26 @@ async def test_an_endpoint_failing_for_too_long_is_disabled_and_nothing_is_dropp
         async with running_daemon(settings) as daemon:
             await insert_endpoint(db, id="tbl", url=receiver.url(), secret=SECRET)
             await insert_outbox(db, bookings(5))
-            await eventually(lambda: gauge(daemon, "tbl", "disabled") == 1.0, what="disabled")
-            row = await stored_state(db, "tbl", "disabled")
-            hits_when_disabled = len(receiver.hits)
+            await eventually(
+                lambda: endpoint_state_gauge(daemon, "tbl", "disabled") == 1.0, what="disabled"
+            )
+            row = await stored_endpoint_state(db, "tbl", "disabled")
+            hits_when_disabled = len(receiver.requests)
             code, out, err = await webhookd(config, "endpoints", "list", "--json")
             assert code == 0, err
             [listed] = json.loads(out)
             code, text, _ = await webhookd(config, "endpoints", "show", "tbl")
             assert code == 0
             await asyncio.sleep(0.5)  # more than two cool-downs: nothing more is sent
-            assert len(receiver.hits) == hits_when_disabled
+            assert len(receiver.requests) == hits_when_disabled
             assert [d["state"] for d in deliveries(db)] == ["pending"] * 5
 
-            receiver.status = 200
+            receiver.answer = 200
             code, _, err = await webhookd(config, "endpoints", "enable", "tbl")
             assert code == 0, err
             assert "failing continuously" in err
             await eventually(lambda: len(deliveries(db, state="succeeded")) == 5, what="all 5")
-            assert gauge(daemon, "tbl", "ok") == 1.0
+            assert endpoint_state_gauge(daemon, "tbl", "ok") == 1.0
     assert row["state"] == "disabled"
     assert row["disabled_reason"].startswith("failing continuously since")
     assert row["since"] - row["failing_since"] >= disable_after
@@ -400,47 +267,49 @@ async def test_an_endpoint_failing_for_too_long_is_disabled_and_nothing_is_dropp
     assert listed["circuit"]["disabled_reason"] == row["disabled_reason"]
     assert "state        disabled" in text
     assert "failing continuously since" in text
-    assert state_changes.moves() == [
+    assert log_events.endpoint_state_moves() == [
         ("ok", "backing_off"),
         ("backing_off", "disabled"),
         ("disabled", "ok"),
     ]
-    assert state_changes.changes[-1]["reason"] == "enabled by an operator"
+    assert log_events.named("endpoint_state_changed")[-1]["reason"] == "enabled by an operator"
 
 
 # -- reload and the operator -----------------------------------------------------------------
 
 
 async def test_a_reload_keeps_the_breaker_state_and_the_operator_can_clear_it(
-    tmp_path: Path, state_changes: StateChanges
+    tmp_path: Path, log_events: LogEvents
 ) -> None:
     db = tmp_path / "webhookd.db"
     long_cooldown = {"failure_threshold": 2, "cooldown_seconds": 60.0}
-    async with Receiver(status=500) as receiver:
+    async with failing_receiver() as receiver:
         eps = [endpoint("ep", receiver.url(), max_concurrency=1)]
         config, settings = write_config(tmp_path, eps, breaker=long_cooldown)
         async with running_daemon(settings) as daemon:
             daemon.config_path = config
             await insert_outbox(db, bookings(3))
-            await eventually(lambda: gauge(daemon, "ep", "backing_off") == 1.0, what="back-off")
-            hits = len(receiver.hits)
+            await eventually(
+                lambda: endpoint_state_gauge(daemon, "ep", "backing_off") == 1.0, what="back-off"
+            )
+            hits = len(receiver.requests)
 
             write_config(tmp_path, eps, breaker={**long_cooldown, "failure_threshold": 10})
             assert await daemon.reload()
             await asyncio.sleep(0.3)
-            assert gauge(daemon, "ep", "backing_off") == 1.0
-            assert len(receiver.hits) == hits
-            assert state_row(db, "ep")["state"] == "backing_off"
+            assert endpoint_state_gauge(daemon, "ep", "backing_off") == 1.0
+            assert len(receiver.requests) == hits
+            assert endpoint_state_row(db, "ep")["state"] == "backing_off"
 
-            receiver.status = 200
+            receiver.answer = 200
             code, _, err = await webhookd(config, "endpoints", "enable", "ep")
             assert code == 0, err
             assert "backing_off" in err
             # Sent at once, not after the 60 s cool-down.
             await eventually(lambda: len(deliveries(db, state="succeeded")) == 3, what="all 3")
-            assert gauge(daemon, "ep", "ok") == 1.0
-    assert state_changes.moves() == [("ok", "backing_off"), ("backing_off", "ok")]
-    assert state_changes.changes[-1]["reason"] == "enabled by an operator"
+            assert endpoint_state_gauge(daemon, "ep", "ok") == 1.0
+    assert log_events.endpoint_state_moves() == [("ok", "backing_off"), ("backing_off", "ok")]
+    assert log_events.named("endpoint_state_changed")[-1]["reason"] == "enabled by an operator"
 
 
 async def test_enable_says_when_there_is_nothing_to_enable(tmp_path: Path) -> None:
@@ -466,10 +335,10 @@ async def test_enable_says_when_there_is_nothing_to_enable(tmp_path: Path) -> No
 
 
 async def test_retrying_deliveries_makes_a_backing_off_endpoint_probe_at_once(
-    tmp_path: Path, state_changes: StateChanges
+    tmp_path: Path, log_events: LogEvents
 ) -> None:
     db = tmp_path / "webhookd.db"
-    async with Receiver(status=500) as receiver:
+    async with failing_receiver() as receiver:
         config, settings = write_config(
             tmp_path,
             [endpoint("ep", receiver.url(), max_concurrency=1)],
@@ -478,18 +347,20 @@ async def test_retrying_deliveries_makes_a_backing_off_endpoint_probe_at_once(
         )
         async with running_daemon(settings) as daemon:
             await insert_outbox(db, bookings(3))
-            await eventually(lambda: gauge(daemon, "ep", "backing_off") == 1.0, what="back-off")
+            await eventually(
+                lambda: endpoint_state_gauge(daemon, "ep", "backing_off") == 1.0, what="back-off"
+            )
             await eventually(lambda: len(deliveries(db, state="failed")) == 2, what="2 failed")
             # The third one waits, unattempted, for the end of the cool-down.
             assert [d["attempts"] for d in deliveries(db, state="pending")] == [0]
 
-            receiver.status = 200
+            receiver.answer = 200
             code, _, err = await webhookd(
                 config, "deliveries", "retry", "--endpoint", "ep", "--all-matching"
             )
             assert code == 0, err
             # Probed at once, not after the 60 s cool-down; then full speed.
             await eventually(lambda: len(deliveries(db, state="succeeded")) == 3, what="all 3")
-            assert gauge(daemon, "ep", "ok") == 1.0
-    assert state_changes.moves() == [("ok", "backing_off"), ("backing_off", "ok")]
-    assert state_changes.changes[-1]["reason"] == "the probe succeeded"
+            assert endpoint_state_gauge(daemon, "ep", "ok") == 1.0
+    assert log_events.endpoint_state_moves() == [("ok", "backing_off"), ("backing_off", "ok")]
+    assert log_events.named("endpoint_state_changed")[-1]["reason"] == "the probe succeeded"

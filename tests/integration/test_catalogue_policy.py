@@ -5,7 +5,6 @@ INSERTs that match the event catalogue, break it, or use a type outside it."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -25,11 +24,10 @@ from daemon_fixtures import (
     query,
     running_daemon,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from operator_fixtures import json_log_lines, logged, samples_by_label
 
 from webhookd.catalogue import SEED_EVENTS
 from webhookd.daemon import Daemon
-from webhookd.log import _Formatter
 
 SECRET = "catalogue-policy-secret"
 PAYMENT = next(data for event_type, _, _, data in SEED_EVENTS if event_type == "payment.succeeded")
@@ -75,23 +73,8 @@ CASES: dict[str, tuple[dict[str, Any], Expected]] = {
 @pytest.fixture
 def log_lines() -> Iterator[io.StringIO]:
     """The daemon's log lines at warning level and above, formatted as it writes them (JSON)."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(_Formatter("json"))
-    logger = logging.getLogger("webhookd")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
+    with json_log_lines(logging.WARNING) as stream:
         yield stream
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-
-
-def logged(stream: io.StringIO, event: str) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    return [line for line in lines if line["event"] == event]
 
 
 def processed(db: Path) -> int:
@@ -105,12 +88,7 @@ async def scrape(daemon: Daemon, name: str, label: str) -> dict[str, float]:
     async with aiohttp.ClientSession() as http, http.get(http_base(daemon) + "/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()
-    return {
-        sample.labels[label]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    }
+    return samples_by_label(text, name, label)
 
 
 @pytest.mark.parametrize(("events", "expected"), CASES.values(), ids=list(CASES))

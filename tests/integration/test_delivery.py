@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import sys
 import time
 from itertools import pairwise
 from pathlib import Path
@@ -38,7 +36,7 @@ from daemon_fixtures import (
     query,
     running_daemon,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from operator_fixtures import endpoint_state_gauge, run_webhookd, samples_by_label
 
 from webhookd.catalogue import SEED_EVENTS
 
@@ -48,7 +46,6 @@ SECRET = "whsec_integration_secret"
 OTHER_SECRET = "another secret, with spaces and ünïcode"
 # The store's times come from time.time() and perf_counter(); they agree to far better than this.
 CLOCK_EPSILON_SECONDS = 1e-3
-CLI_TIMEOUT_SECONDS = 60.0
 
 
 def endpoint(ep_id: str, url: str, **extra: Any) -> dict[str, Any]:
@@ -123,31 +120,6 @@ async def test_retries_until_success_with_same_delivery_id_body_and_persisted_sc
 # -- dead letter and the CLI -----------------------------------------------------------------
 
 
-def webhookd_command() -> str:
-    path = Path(sys.executable).parent / "webhookd"
-    assert path.exists(), f"the webhookd console script is not installed next to {sys.executable}"
-    return str(path)
-
-
-async def run_cli(*args: str) -> tuple[int, str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")}
-    process = await asyncio.create_subprocess_exec(
-        webhookd_command(),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
 async def test_dead_letter_after_max_attempts_and_cli_shows_it(tmp_path: Path) -> None:
     db = tmp_path / "webhookd.db"
     async with Receiver(answer=500) as receiver:
@@ -175,7 +147,7 @@ async def test_dead_letter_after_max_attempts_and_cli_shows_it(tmp_path: Path) -
 
     config = tmp_path / "webhookd.toml"
     config.write_text(f"[database]\npath = {json.dumps(str(db))}\n")
-    code, out, err = await run_cli(
+    code, out, err = await run_webhookd(
         "deliveries", "list", "--state", "failed", "--json", "--config", str(config)
     )
     assert code == 0, err
@@ -188,12 +160,12 @@ async def test_dead_letter_after_max_attempts_and_cli_shows_it(tmp_path: Path) -
     assert listed[0]["event_id"] == "evt_dead_1"
     assert listed[0]["last_status"] == 500
 
-    code, out, err = await run_cli(
+    code, out, err = await run_webhookd(
         "deliveries", "list", "--state", "succeeded", "--json", "--config", str(config)
     )
     assert (code, json.loads(out)) == (0, []), err
 
-    code, out, err = await run_cli(
+    code, out, err = await run_webhookd(
         "deliveries", "show", delivery["delivery_id"], "--json", "--config", str(config)
     )
     assert code == 0, err
@@ -205,7 +177,9 @@ async def test_dead_letter_after_max_attempts_and_cli_shows_it(tmp_path: Path) -
         (3, "http_error", 500),
     ]
 
-    code, out, err = await run_cli("deliveries", "show", delivery["delivery_id"], "-c", str(config))
+    code, out, err = await run_webhookd(
+        "deliveries", "show", delivery["delivery_id"], "-c", str(config)
+    )
     assert code == 0, err
     assert "failed" in out
     assert out.count("HTTP 500") == 3
@@ -388,12 +362,6 @@ async def test_table_endpoint_added_and_disabled_while_running(tmp_path: Path) -
             return fail_first(request)
         return 200
 
-    def endpoint_state(daemon: Any, state: str) -> float | None:
-        value: float | None = daemon.metrics.registry.get_sample_value(
-            "webhookd_endpoint_state", {"endpoint": "dyn", "state": state}
-        )
-        return value
-
     def delivery_of(event_id: str, endpoint_id: str) -> Any:
         rows = [r for r in deliveries(db, endpoint_id=endpoint_id) if r["event_id"] == event_id]
         return rows[0] if rows else None
@@ -427,7 +395,8 @@ async def test_table_endpoint_added_and_disabled_while_running(tmp_path: Path) -
 
             await execute(db, "UPDATE webhook_endpoints SET enabled = 0 WHERE id = 'dyn'")
             await eventually(
-                lambda: endpoint_state(daemon, "disabled") == 1.0, what="dyn to be disabled"
+                lambda: endpoint_state_gauge(daemon, "dyn", "disabled") == 1.0,
+                what="dyn to be disabled",
             )
             await insert_outbox(db, [row("e4")])
             await eventually(
@@ -507,12 +476,7 @@ async def test_malformed_rows_are_quarantined_while_good_rows_flow(tmp_path: Pat
     ]
     assert all(q["detail"] for q in quarantined)
 
-    rejected = {
-        s.labels["reason"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "webhookd_events_rejected_total"
-    }
+    rejected = samples_by_label(text, "webhookd_events_rejected_total", "reason")
     assert rejected == {reason: 1.0 for reason in bad_reasons.values()}
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from daemon_fixtures import daemon_settings, running_daemon
+from helpers import rss_bytes
 
 from webhookd.daemon import Daemon
 
@@ -275,7 +276,7 @@ async def test_huge_request_lines_headers_and_bodies_are_refused_or_drained(
     for data, answer in zip(huge, answers, strict=True):
         assert answer.status is None or 400 <= answer.status < 500, (data[:60], answer.raw[:200])
 
-    rss_before = _rss_bytes()
+    rss_before = rss_bytes()
     chunk = b"a" * 65536
     body_total = 64 * MEGABYTE
     bodies = {
@@ -293,17 +294,9 @@ async def test_huge_request_lines_headers_and_bodies_are_refused_or_drained(
         assert answer.status in allowed, (name, answer.raw[:200])
     # A body of many megabytes leaves no trace in memory (a loose bound: the allocator keeps
     # some, and the test process shares it).
-    assert _rss_bytes() - rss_before < 32 * MEGABYTE
+    assert rss_bytes() - rss_before < 32 * MEGABYTE
     assert unstructured(caplog.records) == []
     await assert_healthy(daemon)
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 # -- slow and many clients -------------------------------------------------------------------------

@@ -17,11 +17,8 @@ import asyncio
 import contextlib
 import email.utils
 import json
-import logging
-import os
 import socket
 import struct
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,16 +33,19 @@ from daemon_fixtures import (
     attempts,
     daemon_settings,
     deliveries,
+    endpoint_state_row,
     eventually,
     execute,
     insert_endpoint,
     insert_outbox,
     query,
     running_daemon,
+    serve_on_loopback,
+    stored_endpoint_state,
 )
-from helpers import free_port
+from helpers import free_port, rss_bytes
+from operator_fixtures import LogEvents, endpoint_state_gauge, webhookd, write_config_file
 
-from webhookd.daemon import Daemon
 from webhookd.retry import parse_retry_after
 from webhookd.settings import Settings
 
@@ -55,7 +55,6 @@ SECRET = "whsec_responses_secret"
 LOOPBACK = {"allow_http": True, "allowed_networks": ["127.0.0.0/8"]}
 # Retries far away: a test sees one attempt, then the delivery waiting for its retry.
 ONE_ATTEMPT_RETRY = {"initial_delay_seconds": 60.0, "multiplier": 2.0, "jitter": 0.0}
-CLI_TIMEOUT_SECONDS = 60.0
 # time.time() in the receiver and in the daemon: one clock; floats that went through SQLite.
 CLOCK_EPSILON_SECONDS = 1e-3
 HUGE_BYTES = 100 * 1024 * 1024
@@ -95,15 +94,7 @@ class Server:
         return [h for h in self.hits if h.path == path]
 
     async def __aenter__(self) -> Server:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(
-            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
-        )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = int(self._runner.addresses[0][1])
+        self._runner, self.port = await serve_on_loopback(self._handle)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -246,103 +237,10 @@ def booking(n: int | str) -> OutboxRow:
     return OutboxRow("booking.created", {"id": f"book_{n}"}, event_id=f"evt_{n}")
 
 
-def state_gauge(daemon: Daemon, endpoint_id: str, state: str) -> float | None:
-    value: float | None = daemon.metrics.registry.get_sample_value(
-        "webhookd_endpoint_state", {"endpoint": endpoint_id, "state": state}
-    )
-    return value
-
-
-async def stored_state(db: Path, endpoint_id: str, state: str) -> Any:
-    """The endpoint's stored state row, once it says ``state`` (it is written just after the
-    state changes in memory)."""
-    return await eventually(
-        lambda: (
-            (row := endpoint_state_row(db, endpoint_id)) is not None
-            and row["state"] == state
-            and row
-        ),
-        what=f"{endpoint_id}'s stored state to be {state}",
-    )
-
-
-def endpoint_state_row(db: Path, endpoint_id: str) -> Any:
-    rows = query(db, "SELECT * FROM webhookd_endpoint_state WHERE endpoint_id = ?", (endpoint_id,))
-    return rows[0] if rows else None
-
-
-class LogEvents(logging.Handler):
-    """The daemon's structured log events: (event name, fields)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.events: list[tuple[str, dict[str, Any]]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.events.append((record.getMessage(), dict(getattr(record, "webhookd_fields", {}))))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [fields for event, fields in self.events if event == name]
-
-
-@pytest.fixture
-def log_events() -> Iterator[LogEvents]:
-    handler = LogEvents()
-    logger = logging.getLogger("webhookd")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
 def write_config(path: Path, settings: Settings, endpoints: Sequence[Mapping[str, Any]]) -> Path:
     """The TOML file an operator's `webhookd` commands would read for this daemon."""
-    lines = ["[database]", f"path = {toml_value(settings.database.path)}", "", "[delivery]"]
-    lines += [f"{key} = {toml_value(value)}" for key, value in LOOPBACK.items()]
-    for ep in endpoints:
-        lines += ["", "[[endpoints]]"]
-        lines += [f"{key} = {toml_value(value)}" for key, value in ep.items()]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-async def webhookd(config: Path, *args: str) -> tuple[int, str, str]:
-    """Run the installed ``webhookd`` command, as an operator would, beside the daemon."""
-    command = Path(sys.executable).parent / "webhookd"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WEBHOOKD_")}
-    process = await asyncio.create_subprocess_exec(
-        str(command),
-        "--config",
-        str(config),
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT_SECONDS)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    sections = {"database": {"path": settings.database.path}, "delivery": LOOPBACK}
+    return write_config_file(path, sections, endpoints)
 
 
 # -- 2xx and 3xx -----------------------------------------------------------------------------
@@ -461,9 +359,10 @@ async def test_410_gone_disables_the_endpoint_keeping_its_deliveries_until_enabl
                 )
             await insert_outbox(db, [booking(n) for n in range(3)])
             await eventually(
-                lambda: state_gauge(daemon, "crm", "disabled") == 1.0, what="crm to be disabled"
+                lambda: endpoint_state_gauge(daemon, "crm", "disabled") == 1.0,
+                what="crm to be disabled",
             )
-            row = await stored_state(db, "crm", "disabled")
+            row = await stored_endpoint_state(db, "crm", "disabled")
             assert "410 Gone" in row["disabled_reason"]
             assert row["since"] >= server.hits[0].arrived_at - CLOCK_EPSILON_SECONDS
             if source == "table":
@@ -493,10 +392,9 @@ async def test_410_gone_disables_the_endpoint_keeping_its_deliveries_until_enabl
             await eventually(
                 lambda: len(deliveries(db, state="succeeded")) == 3, what="the kept deliveries"
             )
-            assert state_gauge(daemon, "crm", "ok") == 1.0
-            assert state_gauge(daemon, "crm", "disabled") == 0.0
-    changes = [(c["from"], c["to"]) for c in log_events.named("endpoint_state_changed")]
-    assert changes == [("ok", "disabled"), ("disabled", "ok")]
+            assert endpoint_state_gauge(daemon, "crm", "ok") == 1.0
+            assert endpoint_state_gauge(daemon, "crm", "disabled") == 0.0
+    assert log_events.endpoint_state_moves() == [("ok", "disabled"), ("disabled", "ok")]
     [first] = attempts(db, deliveries(db)[0]["id"])[:1]
     assert (first["status_code"], first["error_kind"]) == (410, "gone")
 
@@ -508,9 +406,9 @@ async def test_a_disabled_endpoint_stays_disabled_across_a_restart(tmp_path: Pat
         settings = settings_for(tmp_path, eps, retry={"initial_delay_seconds": 0.1})
         async with running_daemon(settings) as daemon:
             await insert_outbox(db, [booking(1)])
-            await eventually(lambda: state_gauge(daemon, "crm", "disabled") == 1.0)
+            await eventually(lambda: endpoint_state_gauge(daemon, "crm", "disabled") == 1.0)
         async with running_daemon(settings) as daemon:
-            assert state_gauge(daemon, "crm", "disabled") == 1.0
+            assert endpoint_state_gauge(daemon, "crm", "disabled") == 1.0
             await asyncio.sleep(0.5)  # its delivery was due again after 0.1 s
         assert len(server.hits) == 1
     assert [d["state"] for d in deliveries(db)] == ["pending"]
@@ -553,9 +451,9 @@ async def test_retry_after_pauses_the_whole_endpoint_within_bounds(
         )
         async with running_daemon(settings) as daemon:
             await insert_outbox(db, [booking("a")])
-            await eventually(lambda: state_gauge(daemon, "crm", "backing_off") == 1.0)
+            await eventually(lambda: endpoint_state_gauge(daemon, "crm", "backing_off") == 1.0)
             [first] = server.hits
-            paused = await stored_state(db, "crm", "backing_off")
+            paused = await stored_endpoint_state(db, "crm", "backing_off")
             [a] = deliveries(db)
             # Another delivery, due at once: it waits for the end of the endpoint's pause.
             await insert_outbox(db, [booking("b")])
@@ -566,7 +464,7 @@ async def test_retry_after_pauses_the_whole_endpoint_within_bounds(
                 ),
                 what="both deliveries",
             )
-            assert state_gauge(daemon, "crm", "ok") == 1.0
+            assert endpoint_state_gauge(daemon, "crm", "ok") == 1.0
 
     assert first.answered_at is not None
     # The pause: exactly what was asked (or the cap), from the moment the answer came in.
@@ -612,7 +510,7 @@ async def test_503_without_retry_after_is_a_plain_failure(tmp_path: Path) -> Non
         async with running_daemon(settings) as daemon:
             await insert_outbox(db, [booking(1)])
             [d] = await eventually(lambda: deliveries(db, attempts=1), what="one attempt")
-            assert state_gauge(daemon, "crm", "ok") == 1.0
+            assert endpoint_state_gauge(daemon, "crm", "ok") == 1.0
     [attempt] = attempts(db, d["id"])
     assert (attempt["status_code"], attempt["error_kind"]) == (503, "http_status")
     row = endpoint_state_row(db, "crm")
@@ -696,14 +594,6 @@ async def test_network_failures_are_classified_recorded_and_retried(
 
 
 # -- huge, endless and dripping responses ----------------------------------------------------
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status", encoding="ascii") as status_file:
-        for line in status_file:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS in /proc/self/status")
 
 
 @pytest.mark.parametrize("shape", ["content-length-100MB", "endless-chunked"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 import sqlite3
 import threading
@@ -31,11 +30,10 @@ from daemon_fixtures import (
     query,
     running_daemon,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from operator_fixtures import json_log_lines, logged, samples_by_label
 
 from webhookd.daemon import Daemon
 from webhookd.errors import ConfigError, StorageError
-from webhookd.log import _Formatter
 from webhookd.metrics import PRUNE_KINDS
 from webhookd.retention import Housekeeper, RetentionCutoffs, retention_cutoffs
 from webhookd.settings import RetentionSettings, Settings, load_settings
@@ -378,33 +376,12 @@ async def test_the_housekeeper_prunes_at_the_start_and_then_every_interval(
 @pytest.fixture
 def log_lines() -> Iterator[io.StringIO]:
     """The daemon's log lines at info level and above, as it writes them (JSON)."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(_Formatter("json"))
-    logger = logging.getLogger("webhookd")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with json_log_lines(logging.INFO) as stream:
         yield stream
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
-
-
-def logged(stream: io.StringIO, event: str) -> list[dict[str, Any]]:
-    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
-    return [line for line in lines if line["event"] == event]
 
 
 def metric(daemon: Daemon, name: str, label: str) -> dict[str, float]:
-    text = daemon.metrics.render().decode()
-    return {
-        sample.labels[label]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name
-    }
+    return samples_by_label(daemon.metrics.render().decode(), name, label)
 
 
 def endpoints(receiver: Receiver) -> list[dict[str, Any]]:
