@@ -484,6 +484,7 @@ class Bench:
                     "max_concurrency_per_endpoint": PER_ENDPOINT_CAP,
                     "max_inflight": GLOBAL_CAP,
                     "header_prefix": HEADER_PREFIX,
+                    "sender_processes": self.args.sender_processes,
                 },
                 "endpoints": [
                     {"id": e.id, "url": receiver.base_url + e.path, "secret": f"bench-{e.id}"}
@@ -791,6 +792,7 @@ async def _start_py_spy(pid: int, out: Path) -> asyncio.subprocess.Process:
         str(pid),
         "--rate",
         "200",
+        *os.environ.get("BENCH_PY_SPY_FLAGS", "").split(),
         "--format",
         fmt,
         "-o",
@@ -1244,7 +1246,8 @@ async def main(args: argparse.Namespace) -> int:
         bench = Bench(args, workdir)
         print(
             f"webhookd benchmark: {', '.join(names)}; {'smoke' if args.smoke else 'full'} sizes;"
-            f" {args.store} store; {os.cpu_count()} CPUs; source {source};"
+            f" {args.store} store; sender processes {args.sender_processes};"
+            f" {os.cpu_count()} CPUs; source {source};"
             f" load average {os.getloadavg()[0]:.2f}; work dir {workdir}"
         )
         for name in names:
@@ -1275,6 +1278,7 @@ async def main(args: argparse.Namespace) -> int:
             + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
             + (f" --store {args.store}" if args.store != "sqlite" else "")
             + "".join(f" --replicas {n}" for n in args.replicas if args.replicas != [1])
+            + (f" --sender-processes {args.sender_processes}" if args.sender_processes else "")
         )
         args.markdown.write_text(markdown(reports, command), encoding="utf-8")
     if args.json is not None:
@@ -1283,6 +1287,7 @@ async def main(args: argparse.Namespace) -> int:
                 {
                     "smoke": args.smoke,
                     "store": args.store,
+                    "sender_processes": args.sender_processes,
                     "cpus": os.cpu_count(),
                     "source": source,
                     "seconds": total,
@@ -1337,6 +1342,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=1,
         help="run each scenario's runs N times, interleaved; targets judge each run's best",
+    )
+    parser.add_argument(
+        "--sender-processes",
+        type=int,
+        default=0,
+        metavar="N",
+        help="delivery.sender_processes of every daemon (default 0: requests made in the "
+        "daemon's own process)",
     )
     parser.add_argument("--json", type=Path, help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, help="write the tables for RESULTS.md")

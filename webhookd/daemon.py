@@ -22,13 +22,14 @@ from typing import Any
 
 from webhookd import __version__, log
 from webhookd import endpoints as endpoints_mod
-from webhookd.delivery import Sender
+from webhookd.delivery import HttpSender, Sender
 from webhookd.dispatcher import Dispatcher
 from webhookd.errors import ConfigError, StorageError, StoreLockedError, WebhookdError
 from webhookd.http_api import HttpServer, make_app
 from webhookd.log import log_event
 from webhookd.metrics import Metrics
 from webhookd.models import Endpoint
+from webhookd.sender_pool import SenderPool
 from webhookd.settings import Settings, load_settings
 from webhookd.store import open_store
 from webhookd.systemd import Notifier
@@ -48,6 +49,7 @@ RESTART_ONLY_KEYS: tuple[tuple[str, str], ...] = (
     ("database", "busy_timeout_seconds"),
     ("http", "listen"),
     ("http", "max_endpoint_labels"),
+    ("delivery", "sender_processes"),
 )
 
 
@@ -115,7 +117,11 @@ class Daemon:
         self.notifier = notifier if notifier is not None else Notifier.from_environ(os.environ)
         self.metrics = metrics or Metrics(settings.http.max_endpoint_labels)
         self.store = open_store(settings, self.metrics)
-        self.sender = Sender(settings.delivery)
+        self.sender: HttpSender = (
+            SenderPool(settings.delivery, settings.delivery.sender_processes)
+            if settings.delivery.sender_processes
+            else Sender(settings.delivery)
+        )
         self.dispatcher = Dispatcher(settings, self.store, self.sender, self.metrics)
         self.http: HttpServer | None = None
         self.stop_event = asyncio.Event()

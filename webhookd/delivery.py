@@ -13,6 +13,7 @@ import os
 import ssl
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
@@ -49,6 +50,16 @@ _MAX_ALLOWED_URLS = 100_000
 def _client_timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
     """One (immutable) ClientTimeout per configuration, not one per request."""
     return aiohttp.ClientTimeout(total=total, sock_connect=connect)
+
+
+class HttpSender(Protocol):
+    """What the dispatcher needs of a sender: :class:`Sender` in this process, or
+    :class:`webhookd.sender_pool.SenderPool` with the requests made in child processes."""
+
+    async def start(self) -> None: ...
+    def apply(self, settings: DeliverySettings) -> None: ...
+    async def send(self, endpoint: Endpoint, delivery: Delivery) -> HttpResult: ...
+    async def close(self) -> None: ...
 
 
 class Sender:
@@ -139,6 +150,14 @@ class Sender:
 
     async def send(self, endpoint: Endpoint, delivery: Delivery) -> HttpResult:
         """Make one attempt. Never raises for network trouble: it is classified instead."""
+        return await self.send_body(
+            endpoint, delivery.body, delivery.event_type, delivery.delivery_id
+        )
+
+    async def send_body(
+        self, endpoint: Endpoint, body: bytes, event_type: str, delivery_id: str
+    ) -> HttpResult:
+        """:meth:`send` with the three fields of the delivery a request uses."""
         if self._session is None:
             raise RuntimeError("Sender.start() was not called")
         settings = self._settings  # one attempt uses one configuration, even across a reload
@@ -148,9 +167,9 @@ class Sender:
             header_prefix=settings.header_prefix,
             secrets=active_secrets(endpoint, started),
             schemes=endpoint.schemes,
-            body=delivery.body,
-            event_type=delivery.event_type,
-            delivery_id=delivery.delivery_id,
+            body=body,
+            event_type=event_type,
+            delivery_id=delivery_id,
             timestamp=int(started),
             extra=endpoint.headers,
         )
@@ -176,7 +195,7 @@ class Sender:
         try:
             async with self._session.post(
                 endpoint.url,
-                data=delivery.body,
+                data=body,
                 headers=headers,
                 allow_redirects=False,
                 ssl=tls,

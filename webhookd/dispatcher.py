@@ -22,13 +22,13 @@ from webhookd import breaker
 from webhookd import endpoints as endpoints_mod
 from webhookd.breaker import BreakerPolicy
 from webhookd.catalogue import DEFAULT_POLICY, CataloguePolicy
-from webhookd.delivery import HttpResult, Sender
+from webhookd.delivery import HttpResult, HttpSender
 from webhookd.errors import StorageError
 from webhookd.events import classify_row, timestamp_to_unix
 from webhookd.ids import new_id
 from webhookd.limits import Limiter
 from webhookd.log import log_event
-from webhookd.metrics import Metrics
+from webhookd.metrics import EndpointSeries, Metrics
 from webhookd.models import (
     AttemptOutcome,
     AttemptResult,
@@ -48,6 +48,7 @@ from webhookd.recorder import Recorder
 from webhookd.retention import Housekeeper
 from webhookd.retry import RetryPolicy, next_attempt_at, retry_after_until
 from webhookd.routing import route
+from webhookd.sender_pool import SenderLost
 from webhookd.settings import DEFAULT_RETRY_AFTER_MAX_SECONDS, Settings
 from webhookd.store.base import Store
 
@@ -310,7 +311,7 @@ class Dispatcher:
         self,
         settings: Settings,
         store: Store,
-        sender: Sender,
+        sender: HttpSender,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
@@ -710,10 +711,10 @@ class Dispatcher:
         """Send one attempt and persist its outcome. Cancelled before the response: the lease is
         released and no attempt is counted. Once the outcome exists it is always persisted.
         ``probe``: the one attempt a backing-off endpoint makes to test its recovery."""
-        label = self.metrics.endpoint_label(endpoint.id)
+        series = self.metrics.series(endpoint.id)
         try:
             async with self._global:
-                gauge = self.metrics.inflight.labels(endpoint=label)
+                gauge = series.inflight
                 gauge.inc()
                 try:
                     result = await self.sender.send(endpoint, delivery)
@@ -722,12 +723,17 @@ class Dispatcher:
         except asyncio.CancelledError:
             await asyncio.shield(self.store.release([delivery.pk]))
             raise
+        except SenderLost:
+            # The child process making the request died: the outcome is unknown, so no attempt
+            # is counted and the delivery is sent again (the pool logged it, once per process).
+            await asyncio.shield(self.store.release([delivery.pk]))
+            return
         now = self.clock()
         ra_max = self.settings.delivery.retry_after_max_seconds
         outcome = decide(
             result, delivery, self.policy, now, self.rand(), retry_after_max_seconds=ra_max
         )
-        self._observe(endpoint, delivery, result, outcome, label, now)
+        self._observe(endpoint, delivery, result, outcome, series, now)
         committed = self.recorder.enqueue(outcome, endpoint.id)
         changed = self._after_attempt(endpoint, result, probe, now)
         # Shielded: a drain that cancels this task still has the outcome written (and a breaker
@@ -847,16 +853,17 @@ class Dispatcher:
         delivery: Delivery,
         result: HttpResult,
         outcome: AttemptOutcome,
-        label: str,
+        series: EndpointSeries,
         now: float,
     ) -> None:
-        m = self.metrics
-        m.delivery_attempts.labels(endpoint=label, result=result.result.value).inc()
-        m.delivery_duration.labels(endpoint=label).observe(result.duration_seconds)
+        series.attempts[result.result.value].inc()
+        series.duration.observe(result.duration_seconds)
         success = result.result is AttemptResult.SUCCESS
         if success:
             with contextlib.suppress(ValueError):
-                m.event_to_delivery.observe(max(0.0, now - timestamp_to_unix(delivery.occurred_at)))
+                self.metrics.event_to_delivery.observe(
+                    max(0.0, now - timestamp_to_unix(delivery.occurred_at))
+                )
             if not logger.isEnabledFor(logging.DEBUG):
                 return  # the usual case: no log line, so no fields to build
         fields: dict[str, Any] = {

@@ -58,8 +58,18 @@ def _logfmt_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+_configured = ("info", "json")  # (level, format) of the last configure()
+
+
+def current() -> tuple[str, str]:
+    """The level and format :func:`configure` set last (a child process logs the same way)."""
+    return _configured
+
+
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
     """Route the ``webhookd`` loggers to ``stream`` (stdout) in the chosen format."""
+    global _configured
+    _configured = (level, fmt)
     root = logging.getLogger("webhookd")
     for handler in list(root.handlers):
         root.removeHandler(handler)

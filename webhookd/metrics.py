@@ -6,6 +6,7 @@ Each daemon owns one :class:`Metrics` with its own registry, so tests can run se
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 from prometheus_client import (
     CollectorRegistry,
@@ -37,6 +38,21 @@ _EVENT_TO_DELIVERY_BUCKETS = (
 )  # fmt: skip
 
 
+@dataclass(frozen=True, slots=True)
+class EndpointSeries:
+    """One endpoint label's series that every attempt touches, looked up once: a ``labels()``
+    call sorts and hashes the label values under a lock, several times per delivery."""
+
+    inflight: Gauge
+    duration: Histogram
+    attempts: dict[str, Counter]  # by AttemptResult value
+    deliveries: dict[str, Counter]  # by final DeliveryState value
+
+
+_ATTEMPT_RESULTS = ("success", "http_error", "timeout", "network_error")
+_FINAL_STATES = ("succeeded", "failed")
+
+
 class Metrics:
     def __init__(self, max_endpoint_labels: int = DEFAULT_MAX_ENDPOINT_LABELS) -> None:
         # The *_created series double the output and tell monitoring nothing it needs.
@@ -44,6 +60,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._max_endpoint_labels = max_endpoint_labels
         self._endpoint_labels: set[str] = set()
+        self._series: dict[str, EndpointSeries] = {}  # by label
         r = self.registry
         self.events_dispatched = Counter(
             "webhookd_events_dispatched",
@@ -150,16 +167,31 @@ class Metrics:
             self.endpoint_state.labels(endpoint=label, state=name).set(1 if name == state else 0)
         # Every series of a known endpoint exists from the start at 0, so that increase() sees
         # its first failure (a counter born at 1 looks like no change to Prometheus).
-        for outcome in ("succeeded", "failed"):
-            self.deliveries.labels(endpoint=label, outcome=outcome)
-        for result in ("success", "http_error", "timeout", "network_error"):
-            self.delivery_attempts.labels(endpoint=label, result=result)
-        self.inflight.labels(endpoint=label)
+        self.series(endpoint_id)
+
+    def series(self, endpoint_id: str) -> EndpointSeries:
+        """The endpoint's per-attempt series (created at 0 the first time)."""
+        label = self.endpoint_label(endpoint_id)
+        found = self._series.get(label)
+        if found is None:
+            found = self._series[label] = EndpointSeries(
+                inflight=self.inflight.labels(endpoint=label),
+                duration=self.delivery_duration.labels(endpoint=label),
+                attempts={
+                    r: self.delivery_attempts.labels(endpoint=label, result=r)
+                    for r in _ATTEMPT_RESULTS
+                },
+                deliveries={
+                    o: self.deliveries.labels(endpoint=label, outcome=o) for o in _FINAL_STATES
+                },
+            )
+        return found
 
     def forget_endpoint(self, endpoint_id: str) -> None:
         """A removed endpoint's state and gauges go (its counters stay: they are history)."""
         if endpoint_id not in self._endpoint_labels:
             return  # folded into "_other", which other endpoints still share
+        self._series.pop(endpoint_id, None)  # its in-flight gauge goes: made again if it returns
         for name in ENDPOINT_STATES:
             with contextlib.suppress(KeyError):
                 self.endpoint_state.remove(endpoint_id, name)

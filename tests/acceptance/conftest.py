@@ -424,6 +424,7 @@ class Received:
     body: bytes
     started_at: float
     finished_at: float | None = None
+    signature: str | None = None  # the seed scheme's header
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -459,6 +460,7 @@ class AioReceiver:
             event_type=request.headers.get(f"{HEADER_PREFIX}-Event"),
             body=body,
             started_at=time.time(),
+            signature=request.headers.get(f"{HEADER_PREFIX}-Signature"),
         )
         with self._lock:
             self._started.append(record)

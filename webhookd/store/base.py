@@ -387,8 +387,8 @@ class Store:
             return
         for outcome in outcomes:
             if outcome.new_state is not DeliveryState.PENDING:
-                label = self.metrics.endpoint_label(endpoints.get(outcome.delivery_pk, "?"))
-                self.metrics.deliveries.labels(endpoint=label, outcome=outcome.new_state).inc()
+                series = self.metrics.series(endpoints.get(outcome.delivery_pk, "?"))
+                series.deliveries[outcome.new_state.value].inc()
 
     async def release(self, delivery_pks: Sequence[int]) -> None:
         await self.backend.release(delivery_pks)
