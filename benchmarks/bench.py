@@ -194,6 +194,20 @@ def proc_peak_rss_mb(pid: int) -> float | None:
     return None
 
 
+def with_children(pid: int) -> list[int]:
+    """``pid`` and its child processes (a daemon's sender processes, delivery.sender_processes)."""
+    found = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def cpu_of(pids: Sequence[int | None]) -> float:
     return sum(proc_cpu_seconds(p) or 0.0 for p in pids if p is not None)
 
@@ -298,10 +312,15 @@ class Daemons:
         return None
 
     def cpu_seconds(self) -> float:
-        return sum(proc_cpu_seconds(p.pid) or 0.0 for p in self.procs)
+        """Of the daemons and their sender processes."""
+        return sum(proc_cpu_seconds(pid) or 0.0 for p in self.procs for pid in with_children(p.pid))
 
     def peak_rss_mb(self) -> float:
-        return max((proc_peak_rss_mb(p.pid) or 0.0 for p in self.procs), default=0.0)
+        """The largest of the daemons', each with its sender processes' peaks added."""
+        return max(
+            (sum(proc_peak_rss_mb(pid) or 0.0 for pid in with_children(p.pid)) for p in self.procs),
+            default=0.0,
+        )
 
     async def wait_ready(self, ports: list[int]) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_SECONDS

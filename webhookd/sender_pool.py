@@ -91,6 +91,14 @@ class _Outbox:
             self.writer.write(_frame(messages))
 
 
+def _log_stream() -> int | None:
+    """The daemon's stdout (where its log lines go), for the child's stderr; None: inherit."""
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by a stream without a descriptor
+        return None
+
+
 class _Child:
     """One child process, as the daemon sees it."""
 
@@ -155,6 +163,7 @@ class SenderPool:
             "webhookd.sender_pool",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
+            stderr=_log_stream(),  # the child logs where the daemon logs
         )
         child = _Child(number, proc)
         child.out.post(("settings", self._settings, *log.current()))
@@ -373,7 +382,8 @@ def main() -> None:
     """The child's entry point: ``python -m webhookd.sender_pool`` (started by the daemon)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # the daemon stops its children itself
-    # The protocol owns the original stdout; anything printed goes to stderr instead.
+    # The protocol owns the original stdout; anything printed goes to stderr instead (the
+    # daemon's stdout, where the log lines go too).
     protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)
 
