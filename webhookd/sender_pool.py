@@ -16,7 +16,9 @@ event-loop turn in each direction.
 - daemon → child: ``("settings", DeliverySettings)``, ``("endpoint", key, Endpoint)``,
   ``("send", request id, endpoint key, body, event type, delivery id)``, ``("cancel", request
   id)``;
-- child → daemon: ``("ready",)`` once, then ``("result", request id, HttpResult)``.
+- child → daemon: ``("ready",)`` once, then ``("result", request id, HttpResult)``, or
+  ``("error", request id, text)`` should its Sender raise (a bug: the attempt's task fails, as
+  it would in the daemon's own process).
 
 A child never outlives the daemon: it exits when its stdin closes (the daemon stopped or died),
 cancelling what it has in flight. It ignores SIGINT, SIGTERM and SIGHUP, which systemd or a
@@ -232,10 +234,15 @@ class SenderPool:
         try:
             while True:
                 for message in await _read_frame(child.reader):
+                    future = child.pending.pop(message[1], None)
+                    if future is None or future.done():
+                        continue
                     if message[0] == "result":
-                        future = child.pending.pop(message[1], None)
-                        if future is not None and not future.done():
-                            future.set_result(message[2])
+                        future.set_result(message[2])
+                    else:  # "error": the child's Sender raised; so does the attempt
+                        future.set_exception(
+                            RuntimeError(f"sender process {child.number}: {message[2]}")
+                        )
         except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError):
             pass
         await self._lost(child)
@@ -340,6 +347,9 @@ async def _serve(reader: asyncio.StreamReader, out: _Outbox) -> None:
     async def attempt(request: int, endpoint: Endpoint, body: bytes, et: str, dlv: str) -> None:
         try:
             result = await sender.send_body(endpoint, body, et, dlv)
+        except Exception as exc:  # a bug: the daemon fails the attempt's task, as in-process
+            out.post(("error", request, f"{type(exc).__name__}: {exc}"))
+            return
         finally:
             running.pop(request, None)
         out.post(("result", request, result))

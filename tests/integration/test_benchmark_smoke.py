@@ -29,22 +29,14 @@ KILL_WAIT_SECONDS = 10.0
 SCENARIOS = {"burst", "steady", "backlog", "hanging", "many"}
 
 
-def test_smoke_run_delivers_and_records_every_delivery(tmp_path: Path) -> None:
-    report_path = tmp_path / "report.json"
+def run_script(args: list[str], cwd: Path) -> tuple[int, str]:
+    """Run a benchmark script in its own process group (on a timeout the daemons and the
+    receiver it started go too); its exit status and output."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WEBHOOKD_")}
-    # Its own process group: on a timeout the daemons and the receiver it started go too.
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(BENCH),
-            "--smoke",
-            "--json",
-            str(report_path),
-            "--keep",
-            str(tmp_path / "work"),
-        ],
+        [sys.executable, *args],
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -56,9 +48,17 @@ def test_smoke_run_delivers_and_records_every_delivery(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, _ = proc.communicate(timeout=KILL_WAIT_SECONDS)
-        pytest.fail(f"the harness did not finish within {HARNESS_TIMEOUT_SECONDS} s:\n{stdout}")
-    output = stdout
-    assert proc.returncode == 0, output
+        pytest.fail(f"{args[0]} did not finish within {HARNESS_TIMEOUT_SECONDS} s:\n{stdout}")
+    return proc.returncode, stdout
+
+
+def test_smoke_run_delivers_and_records_every_delivery(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    returncode, output = run_script(
+        [str(BENCH), "--smoke", "--json", str(report_path), "--keep", str(tmp_path / "work")],
+        tmp_path,
+    )
+    assert returncode == 0, output
     report = json.loads(report_path.read_text(encoding="utf-8"))
     assert report["smoke"] is True
     assert report["all_recorded"] is True, output
@@ -91,7 +91,7 @@ def test_smoke_run_delivers_and_records_every_delivery(tmp_path: Path) -> None:
     assert burst["ceiling_rate"] > 0
     assert burst["ceiling_errors"] == 0
     assert burst["ratio_to_ceiling"] > 0
-    assert "PASS" in stdout or "MISS" in stdout
+    assert "PASS" in output or "MISS" in output
 
 
 def test_postgres_smoke_compares_one_and_two_replicas(
@@ -100,23 +100,15 @@ def test_postgres_smoke_compares_one_and_two_replicas(
     """``--store postgres --replicas 1 --replicas 2`` (issue 7's benchmark) on the test server:
     both runs record and receive every delivery, and the replica comparison is printed."""
     report_path = tmp_path / "report.json"
-    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("WEBHOOKD_")}
-    proc = subprocess.Popen(
+    returncode, stdout = run_script(
         [
-            sys.executable, str(BENCH), "--smoke", "--scenario", "burst",
+            str(BENCH), "--smoke", "--scenario", "burst",
             "--store", "postgres", "--postgres-url", postgres_server.url("postgres"),
             "--replicas", "1", "--replicas", "2", "--json", str(report_path),
         ],
-        env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        tmp_path,
     )  # fmt: skip
-    try:
-        stdout, _ = proc.communicate(timeout=HARNESS_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, _ = proc.communicate(timeout=KILL_WAIT_SECONDS)
-        pytest.fail(f"the harness did not finish within {HARNESS_TIMEOUT_SECONDS} s:\n{stdout}")
-    assert proc.returncode == 0, stdout
+    assert returncode == 0, stdout
     report = json.loads(report_path.read_text(encoding="utf-8"))
     runs = report["scenarios"]["burst"]["runs"]
     assert [run["replicas"] for run in runs] == [1, 2], runs
@@ -128,3 +120,39 @@ def test_postgres_smoke_compares_one_and_two_replicas(
     with postgres_server.admin() as conn:  # the harness dropped the databases it made
         left = conn.execute("SELECT datname FROM pg_database WHERE datname LIKE 'bench_%'")
         assert left.fetchall() == []
+
+
+def test_smoke_burst_with_sender_processes(tmp_path: Path) -> None:
+    """``--sender-processes 2``: the daemon's requests made by its child processes; every
+    delivery received and recorded, their CPU counted with the daemon's."""
+    report_path = tmp_path / "report.json"
+    returncode, stdout = run_script(
+        [
+            str(BENCH), "--smoke", "--scenario", "burst", "--sender-processes", "2",
+            "--json", str(report_path),
+        ],
+        tmp_path,
+    )  # fmt: skip
+    assert returncode == 0, stdout
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["sender_processes"] == 2
+    [run] = report["scenarios"]["burst"]["runs"]
+    assert run["recorded"] == run["received"] == run["expected"] > 0, run
+    assert "sender processes 2" in stdout
+
+
+def test_budget_prints_every_part(tmp_path: Path) -> None:
+    """``benchmarks/budget.py`` (the CPU of a delivery's parts) runs to the end, small."""
+    returncode, stdout = run_script(
+        [str(BENCH.parent / "budget.py"), "--requests", "300", "--deliveries", "400"], tmp_path
+    )
+    assert returncode == 0, stdout
+    for part in (
+        "plain aiohttp client",
+        "webhookd Sender, in this process",
+        "webhookd SenderPool(2)",
+        "SQLite record statements",
+        "webhookd without HTTP",
+        "At 0.80 of the ceiling",
+    ):
+        assert part in stdout, stdout
