@@ -25,7 +25,7 @@ from webhookd.catalogue import DEFAULT_POLICY, CataloguePolicy
 from webhookd.delivery import HttpResult, HttpSender
 from webhookd.errors import StorageError
 from webhookd.events import classify_row, timestamp_to_unix
-from webhookd.ids import new_id
+from webhookd.ids import new_ids
 from webhookd.limits import Limiter
 from webhookd.log import log_event
 from webhookd.metrics import EndpointSeries, Metrics
@@ -151,7 +151,8 @@ def plan_fanout(
         item = outcome.item
         if isinstance(item, Event):
             targets = route(item.event_type, item.tenant, endpoints)
-            deliveries = tuple(NewDelivery(new_id("dlv", now), ep.id) for ep in targets)
+            ids = new_ids("dlv", len(targets), now)
+            deliveries = tuple(map(NewDelivery, ids, [ep.id for ep in targets]))
             planned.append(PlannedEvent(item, deliveries))
             if outcome.schema_problem is not None:
                 warnings.append(

@@ -14,6 +14,18 @@ _SHIFTS = tuple(range(120, -1, -10))
 
 def new_id(prefix: str, now: float | None = None) -> str:
     """``prefix_`` + 26 characters: 48 bits of milliseconds then 80 random bits."""
+    return new_ids(prefix, 1, now)[0]
+
+
+def new_ids(prefix: str, count: int, now: float | None = None) -> list[str]:
+    """``count`` ids as :func:`new_id` makes them, from one read of the random source (fan-out
+    makes one per delivery; each read is a system call that lets go of the GIL)."""
     millis = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
-    value = (millis << 80) | int.from_bytes(os.urandom(10), "big")
-    return prefix + "_" + "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
+    high = millis << 80
+    randomness = os.urandom(10 * count)
+    head = prefix + "_"
+    made = []
+    for i in range(0, 10 * count, 10):
+        value = high | int.from_bytes(randomness[i : i + 10], "big")
+        made.append(head + "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS]))
+    return made

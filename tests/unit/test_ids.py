@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from webhookd.ids import new_id
+from webhookd.ids import new_id, new_ids
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _ID = re.compile(r"^dlv_[0-9a-hjkmnp-tv-z]{26}$")
@@ -40,3 +40,11 @@ def test_ids_are_unique_and_ordered_by_time() -> None:
 def test_the_random_part_varies() -> None:
     made = {new_id("evt", 1_700_000_000.0)[14:] for _ in range(200)}
     assert len(made) == 200
+
+
+def test_ids_made_together_are_distinct_and_share_the_time() -> None:
+    made = new_ids("dlv", 500, 1_700_000_000.123)
+    assert len(made) == len(set(made)) == 500
+    assert all(_ID.match(m) for m in made)
+    assert {_decode(m[4:]) >> 80 for m in made} == {1_700_000_000_123}
+    assert new_ids("dlv", 0) == []
