@@ -13,9 +13,9 @@ The children talk to the daemon over their stdin and stdout (a private pipe betw
 webhookd processes): frames of a 4-byte length and a pickled list of messages, one frame per
 event-loop turn in each direction.
 
-- daemon → child: ``("settings", DeliverySettings)``, ``("endpoint", key, Endpoint)``,
-  ``("send", request id, endpoint key, body, event type, delivery id)``, ``("cancel", request
-  id)``;
+- daemon → child: ``("settings", DeliverySettings, log level, log format)``, ``("endpoint",
+  key, Endpoint)``, ``("forget_endpoints",)``, ``("send", request id, endpoint key, body, event
+  type, delivery id)``, ``("cancel", request id)``;
 - child → daemon: ``("ready",)`` once, then ``("result", request id, HttpResult)``, or
   ``("error", request id, text)`` should its Sender raise (a bug: the attempt's task fails, as
   it would in the daemon's own process).
@@ -144,10 +144,6 @@ class SenderPool:
         self._closing = False
         self._restarts: set[asyncio.Task[None]] = set()
 
-    @property
-    def processes(self) -> int:
-        return self._size
-
     async def start(self) -> None:
         """Start every child and wait until each is ready to send."""
         try:
@@ -189,12 +185,12 @@ class SenderPool:
         return child
 
     def apply(self, settings: DeliverySettings) -> None:
-        """Use ``settings`` from the next attempt on, in every child (and in those started
-        later)."""
+        """Use ``settings`` (and the log level and format in force) from the next attempt on,
+        in every child and in those started later."""
         self._settings = settings
         for child in self._children:
             if child is not None and child.alive:
-                child.out.post(("settings", settings, None, None))
+                child.out.post(("settings", settings, *log.current()))
 
     async def send(self, endpoint: Endpoint, delivery: Delivery) -> HttpResult:
         """Make one attempt in the least busy child. Raises :class:`SenderLost` if that child
@@ -381,6 +377,7 @@ async def _serve(reader: asyncio.StreamReader, out: _Outbox) -> None:
                 endpoints.clear()
             elif kind == "settings":
                 sender.apply(message[1])
+                log.configure(message[2], message[3], stream=sys.stderr)
     for task in list(running.values()):
         task.cancel()
     if running:
