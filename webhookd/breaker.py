@@ -11,8 +11,8 @@ Deliveries are never dropped here: they wait.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 
+from webhookd.log import iso_time
 from webhookd.models import EndpointState, EndpointStatus
 from webhookd.settings import Settings
 
@@ -58,10 +58,6 @@ def cooldown(policy: BreakerPolicy, level: int) -> float:
     return min(wait, policy.max_cooldown_seconds)
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def _moved(
     state: EndpointState, status: EndpointStatus, now: float, **changes: object
 ) -> EndpointState:
@@ -101,12 +97,12 @@ def after_failure(
     )
     if failure.gone:
         return disabled(
-            counted, f"the receiver answered 410 Gone at {_iso(now)}: it wants no more", now
+            counted, f"the receiver answered 410 Gone at {iso_time(now)}: it wants no more", now
         )
     if policy.disable_after_seconds > 0 and now - failing_since >= policy.disable_after_seconds:
         return disabled(
             counted,
-            f"failing continuously since {_iso(failing_since)} ({failures} consecutive "
+            f"failing continuously since {iso_time(failing_since)} ({failures} consecutive "
             f"failures, the last: {failure.reason})",
             now,
         )
@@ -126,9 +122,8 @@ def after_failure(
         reason = f"{failures} consecutive failures, the last: {failure.reason}"
     if failure.retry_after_until is not None and failure.retry_after_until > now:
         until = max(until or 0.0, failure.retry_after_until)
-        reason = (
-            f"the receiver asked to wait until {_iso(failure.retry_after_until)} ({failure.reason})"
-        )
+        asked = iso_time(failure.retry_after_until)
+        reason = f"the receiver asked to wait until {asked} ({failure.reason})"
     if until is not None:
         return _moved(
             counted,

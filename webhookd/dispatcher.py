@@ -15,19 +15,19 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
 
 from webhookd import breaker
 from webhookd import endpoints as endpoints_mod
 from webhookd.breaker import BreakerPolicy
 from webhookd.catalogue import DEFAULT_POLICY, CataloguePolicy
+from webhookd.circuits import Circuits
 from webhookd.delivery import HttpResult, HttpSender
 from webhookd.errors import StorageError
 from webhookd.events import classify_row, timestamp_to_unix
 from webhookd.ids import new_ids
 from webhookd.limits import Limiter
-from webhookd.log import log_event
+from webhookd.log import iso_time, log_event
 from webhookd.metrics import EndpointSeries, Metrics
 from webhookd.models import (
     AttemptOutcome,
@@ -163,14 +163,6 @@ def plan_fanout(
         else:
             quarantined.append(item)
     return CheckedFanoutPlan(tuple(planned), tuple(quarantined), tuple(warnings))
-
-
-_LATEST_ISO_SECONDS = 253402300799.0  # 9999-12-31T23:59:59Z
-
-
-def _iso(ts: float) -> str:
-    """For logs: a time beyond what ISO-8601 can write is shown as the latest it can."""
-    return datetime.fromtimestamp(min(ts, _LATEST_ISO_SECONDS), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class EndpointWorker:
@@ -333,13 +325,7 @@ class Dispatcher:
         self.breaker_policy = BreakerPolicy.from_settings(settings)
         self.catalogue_policy = settings.events.policy()
         self._schema_warnings: tuple[SchemaWarning, ...] = ()  # of the plan being committed
-        # The circuit breaker: each endpoint's state (absent: ok), as the store keeps it, and
-        # which of them changed since they were last written (``_unsaved``, by generation).
-        self.circuits: dict[str, EndpointState] = {}
-        self._circuit_generation: dict[str, int] = {}
-        self._circuit_locks: dict[str, asyncio.Lock] = {}
-        self._unsaved: set[str] = set()
-        self._persisting: set[asyncio.Task[None]] = set()
+        self.circuits = Circuits(store, self.store_failed)  # the breaker's states and writes
         self.recorder = Recorder(store)
         # Its own task: a long first pruning pass must not hold up the lag and pending gauges.
         self.housekeeper = Housekeeper(
@@ -403,9 +389,9 @@ class Dispatcher:
         workers = [w.task for w in self.workers.values() if w.task is not None]
         if workers:
             await asyncio.wait(workers)
-        if self._persisting:
-            await asyncio.wait(self._persisting, timeout=RECORDER_FLUSH_SECONDS)
-        await self._persist_unsaved()  # breaker states whose write failed: one more try
+        await self.circuits.settle(RECORDER_FLUSH_SECONDS)
+        # Breaker states whose write failed: one more try.
+        await self.circuits.persist_unsaved(self.endpoints)
         # Outcomes already obtained are written now; if the store is failing, give up after a
         # bound: those deliveries stay pending and are sent again after the restart.
         self.recorder.close()
@@ -484,9 +470,10 @@ class Dispatcher:
             theirs = stored.get(ep_id)
             if mine is None:
                 if theirs is not None:
-                    self.circuits[ep_id] = mine = theirs
+                    self.circuits.adopt(theirs)
+                    mine = theirs
             elif (
-                ep_id not in self._unsaved
+                ep_id not in self.circuits.unsaved
                 and theirs is None
                 and (mine.state is not EndpointStatus.OK or mine.consecutive_failures)
             ):
@@ -497,12 +484,12 @@ class Dispatcher:
                 and mine.state is EndpointStatus.DISABLED
                 and ep.source == "table"
                 and ep.enabled
-                and ep_id not in self._unsaved
+                and ep_id not in self.circuits.unsaved
             ):
                 self._set_circuit(
                     ep, breaker.reenabled(ep_id, now), "its webhook_endpoints row was enabled"
                 )
-                self._persist_later(ep)
+                self.circuits.persist_later(ep)
 
     def _active(self, ep: Endpoint | None) -> bool:
         if ep is None or not ep.enabled or ep.problem is not None:
@@ -661,7 +648,7 @@ class Dispatcher:
 
     def _probe_now(self, reason: str) -> None:
         now = self.clock()
-        for ep_id, circuit in list(self.circuits.items()):
+        for ep_id, circuit in list(self.circuits.states.items()):
             ep = self.endpoints.get(ep_id)
             if (
                 ep is not None
@@ -670,7 +657,7 @@ class Dispatcher:
                 and circuit.paused_until > now
             ):
                 self._set_circuit(ep, replace(circuit, paused_until=now, updated_at=now), reason)
-                self._persist_later(ep)
+                self.circuits.persist_later(ep)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -696,7 +683,7 @@ class Dispatcher:
                     )
                     self.pending_total = sum(counts.values())
                     self.metrics.set_pending(counts, list(self.endpoints))
-                    await self._persist_unsaved()
+                    await self.circuits.persist_unsaved(self.endpoints)
             except StorageError as exc:
                 self.store_failed("housekeeping", exc)
             else:
@@ -747,7 +734,7 @@ class Dispatcher:
         # written by the drain). Not shield(): that costs every delivery an event-loop turn.
         await committed
         if changed is not None:
-            await asyncio.shield(self._persist(changed))
+            await asyncio.shield(self.circuits.persist(changed))
 
     # -- the circuit breaker -----------------------------------------------------------------
 
@@ -780,42 +767,9 @@ class Dispatcher:
         return current
 
     def _set_circuit(self, ep: Endpoint, new: EndpointState, reason: str | None) -> None:
-        """Make ``new`` the endpoint's state: log a change of state, update the gauge, stop or
+        """Make ``new`` the endpoint's state (logged, to be written), update the gauge, stop or
         start its worker, wake it."""
-        old = self.circuits.get(ep.id)
-        self.circuits[ep.id] = new
-        self._circuit_generation[ep.id] = self._circuit_generation.get(ep.id, 0) + 1
-        self._unsaved.add(ep.id)
-        before = EndpointStatus.OK if old is None else old.state
-        if before is not new.state:
-            level = {
-                EndpointStatus.OK: logging.INFO,
-                EndpointStatus.BACKING_OFF: logging.WARNING,
-                EndpointStatus.DISABLED: logging.ERROR,
-            }[new.state]
-            fields: dict[str, Any] = {
-                "endpoint": ep.id,
-                "from": before.value,
-                "to": new.state.value,
-                "reason": reason,
-                "consecutive_failures": new.consecutive_failures,
-                "paused_until": None if new.paused_until is None else _iso(new.paused_until),
-            }
-            log_event(logger, level, "endpoint_state_changed", **fields)
-        elif (
-            new.state is EndpointStatus.BACKING_OFF
-            and old is not None
-            and new.paused_until != old.paused_until
-        ):
-            log_event(
-                logger,
-                logging.INFO,
-                "endpoint_backoff_changed",
-                endpoint=ep.id,
-                reason=reason,
-                consecutive_failures=new.consecutive_failures,
-                paused_until=None if new.paused_until is None else _iso(new.paused_until),
-            )
+        before = self.circuits.set(ep, new, reason)
         if before is not new.state and EndpointStatus.DISABLED in (before, new.state):
             self._apply_endpoints(dict(self.endpoints))  # stops or starts its worker
         elif ep.id in self.endpoints and self._active(ep):
@@ -823,36 +777,6 @@ class Dispatcher:
         worker = self.workers.get(ep.id)
         if worker is not None:
             worker.wake.set()
-
-    def _persist_later(self, ep: Endpoint) -> None:
-        task = asyncio.create_task(self._persist(ep), name=f"persist:{ep.id}")
-        self._persisting.add(task)
-        task.add_done_callback(self._persisting.discard)
-
-    async def _persist(self, ep: Endpoint) -> None:
-        """Write the endpoint's current state. Writes for one endpoint go one at a time, and a
-        write that a newer change overtook is skipped: the newer one writes the latest state.
-        A failed write is tried again by the housekeeping loop."""
-        generation = self._circuit_generation.get(ep.id, 0)
-        lock = self._circuit_locks.setdefault(ep.id, asyncio.Lock())
-        async with lock:
-            if self._circuit_generation.get(ep.id, 0) != generation or ep.id not in self._unsaved:
-                return
-            state = self.circuits[ep.id]
-            disable_row = state.state is EndpointStatus.DISABLED and ep.source == "table"
-            try:
-                await self.store.save_endpoint_state(state, disable_row=disable_row)
-            except StorageError as exc:
-                self.store_failed("save_endpoint_state", exc)
-                return
-            if self._circuit_generation.get(ep.id, 0) == generation:
-                self._unsaved.discard(ep.id)
-
-    async def _persist_unsaved(self) -> None:
-        for ep_id in sorted(self._unsaved):
-            ep = self.endpoints.get(ep_id)
-            if ep is not None:
-                await self._persist(ep)
 
     def _observe(
         self,
@@ -893,6 +817,6 @@ class Dispatcher:
                 logging.WARNING,
                 "delivery_attempt_failed",
                 error=result.error,
-                next_attempt_at=_iso(outcome.next_attempt_at),
+                next_attempt_at=iso_time(outcome.next_attempt_at),
                 **fields,
             )

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 _FIELDS_ATTR = "webhookd_fields"
@@ -56,6 +57,15 @@ def _logfmt_value(value: Any) -> str:
     if text and not any(c in text for c in ' ="\\\n') and text.isprintable():
         return text
     return json.dumps(text, ensure_ascii=False)
+
+
+_LATEST_ISO_SECONDS = 253402300799.0  # 9999-12-31T23:59:59Z
+
+
+def iso_time(ts: float) -> str:
+    """A Unix time for a log field, in UTC ISO-8601; a time beyond what ISO-8601 can write is
+    shown as the latest it can."""
+    return datetime.fromtimestamp(min(ts, _LATEST_ISO_SECONDS), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 _configured = ("info", "json")  # (level, format) of the last configure()
