@@ -291,15 +291,15 @@ class EndpointWorker:
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self.inflight.discard(task)
-        if self.ready and not self.stopping and self.d.workers.get(self.endpoint.id) is self:
+        current = self.d.workers.get(self.endpoint.id)
+        if self.ready and not self.stopping and current is self:
             # The freed slot goes to a delivery claimed ahead at once, not a loop turn later.
             room, probe, pause = self._room(self.d.clock())
             if room > 0 and not probe and pause is None:
                 self._spawn(self.ready.popleft())
         self.wake.set()
-        worker = self.d.workers.get(self.endpoint.id)
-        if worker is not None and worker is not self:
-            worker.wake.set()  # this worker was replaced; the new one has a free slot now
+        if current is not None and current is not self:
+            current.wake.set()  # this worker was replaced; the new one has a free slot now
         if not task.cancelled() and task.exception() is not None:
             self.d.task_crashed(task)
 

@@ -18,6 +18,7 @@ from prometheus_client import (
 )
 
 from webhookd import __version__
+from webhookd.models import AttemptResult, DeliveryState
 
 DEFAULT_MAX_ENDPOINT_LABELS = 200
 OTHER_ENDPOINTS_LABEL = "_other"
@@ -49,8 +50,8 @@ class EndpointSeries:
     deliveries: dict[str, Counter]  # by final DeliveryState value
 
 
-_ATTEMPT_RESULTS = ("success", "http_error", "timeout", "network_error")
-_FINAL_STATES = ("succeeded", "failed")
+_ATTEMPT_RESULTS = tuple(r.value for r in AttemptResult)
+_FINAL_STATES = tuple(s.value for s in DeliveryState if s is not DeliveryState.PENDING)
 
 
 class Metrics:

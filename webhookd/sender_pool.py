@@ -93,6 +93,13 @@ class _Outbox:
             self.writer.write(_frame(messages))
 
 
+async def _kill(proc: asyncio.subprocess.Process) -> int:
+    """SIGKILL ``proc`` if it still runs; its exit status."""
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    return await proc.wait()
+
+
 def _log_stream() -> int | None:
     """The daemon's stdout (where its log lines go), for the child's stderr; None: inherit."""
     try:
@@ -116,6 +123,14 @@ class _Child:
         self.endpoint_keys: dict[int, tuple[Endpoint, int]] = {}
         self.alive = True
         self.task: asyncio.Task[None] | None = None
+
+    def fail_pending(self, why: str) -> int:
+        """Fail every request still waiting for this child with :class:`SenderLost`; how many."""
+        lost, self.pending = self.pending, {}
+        for future in lost.values():
+            if not future.done():
+                future.set_exception(SenderLost(why))
+        return len(lost)
 
     def endpoint_key(self, endpoint: Endpoint) -> int:
         found = self.endpoint_keys.get(id(endpoint))
@@ -169,16 +184,13 @@ class SenderPool:
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
                 first = await _read_frame(child.reader)
         except (asyncio.IncompleteReadError, TimeoutError) as exc:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+            await _kill(proc)
             raise WebhookdError(
                 f"sender process {number} did not start (exit status {proc.returncode}); "
                 "see its error above, or set delivery.sender_processes = 0"
             ) from exc
         if first != [("ready",)]:
-            proc.kill()
-            await proc.wait()
+            await _kill(proc)
             raise WebhookdError(f"sender process {number} answered {first!r} instead of ready")
         child.task = asyncio.create_task(self._read_results(child), name=f"sender:{number}")
         log_event(logger, logging.INFO, "sender_process_started", number=number, pid=proc.pid)
@@ -245,17 +257,12 @@ class SenderPool:
 
     async def _lost(self, child: _Child) -> None:
         child.alive = False
-        lost, child.pending = child.pending, {}
-        for future in lost.values():
-            if not future.done():
-                future.set_exception(SenderLost(f"sender process {child.number} stopped"))
+        lost = child.fail_pending(f"sender process {child.number} stopped")
         if not any(c is not None and c.alive for c in self._children):
             self._alive.clear()
         if self._closing:
             return
-        with contextlib.suppress(ProcessLookupError):
-            child.proc.kill()  # it broke the protocol, or it is already gone
-        status = await child.proc.wait()
+        status = await _kill(child.proc)  # it broke the protocol, or it is already gone
         log_event(
             logger,
             logging.ERROR,
@@ -263,7 +270,7 @@ class SenderPool:
             number=child.number,
             pid=child.proc.pid,
             status=status,
-            requests_lost=len(lost),
+            requests_lost=lost,
             hint="their deliveries are sent again; a replacement process is started",
         )
         task = asyncio.create_task(self._restart(child.number), name=f"restart:{child.number}")
@@ -279,19 +286,18 @@ class SenderPool:
             try:
                 child = await self._spawn(number)
             except (WebhookdError, OSError) as exc:
+                delay = min(delay * 2, RESTART_MAX_SECONDS)
                 log_event(
                     logger,
                     logging.ERROR,
                     "sender_process_start_failed",
                     number=number,
                     error=str(exc),
-                    retry_in=min(delay * 2, RESTART_MAX_SECONDS),
+                    retry_in=delay,
                 )
-                delay = min(delay * 2, RESTART_MAX_SECONDS)
                 continue
             if self._closing:
-                child.proc.kill()
-                await child.proc.wait()
+                await _kill(child.proc)
                 return
             self._children[number] = child
             self._alive.set()
@@ -313,17 +319,12 @@ class SenderPool:
                 async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
                     await child.proc.wait()
             except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.kill()
-                await child.proc.wait()
+                await _kill(child.proc)
             if child.task is not None:
                 child.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await child.task
-            for future in child.pending.values():
-                if not future.done():
-                    future.set_exception(SenderLost("the sender processes stopped"))
-            child.pending.clear()
+            child.fail_pending("the sender processes stopped")
 
 
 # -- the child process ---------------------------------------------------------------------------
